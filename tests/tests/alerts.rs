@@ -1,0 +1,1210 @@
+//! Checks of the Prometheus rules (`alerts/`), the Alertmanager route to the healer
+//! (`deploy/alertmanager/`) and the Grafana dashboards (`dashboards/`).
+//!
+//! The PromQL and Alertmanager checks run the real `promtool` and `amtool` (Debian packages
+//! `prometheus` and `prometheus-alertmanager`, see shared/REAL-SERVICES.md); nothing here
+//! re-implements them. The rest parses the files: rule coverage by `promtool test rules`, the
+//! healer label contract, the dashboards' structure and every metric name against the contract
+//! in `alerts/metric-names.txt`. Each checker is a function that returns the problems it found,
+//! and has a test feeding it a broken input, so a checker that silently passes everything fails.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value as Json;
+use serde_yaml::Value as Yaml;
+
+/// Conditions of DESIGN.md's catalog that an alert must exist for. `NodeCordoned` is left out on
+/// purpose: a cordon is the healer's own state (or an operator's), and an alert on every cordoned
+/// node would have the healer "verify and uncordon" manual cordons.
+const CATALOG_WITH_ALERTS: &[&str] = &[
+    "NodeNotReady",
+    "GpuFellOffBus",
+    "GpuXidFatal",
+    "GpuEccDoubleBit",
+    "GpuRowRemapFailure",
+    "GpuHung",
+    "GpuNvlinkDown",
+    "IbPortDown",
+    "IbLinkFlapping",
+    "PcieLinkDegraded",
+    "NetworkRetransmitStorm",
+    "DiskIoSlow",
+    "WorkloadStalled",
+    "GpuThermalThrottle",
+    "GpuHighTemperature",
+    "GpuXidApplication",
+];
+
+const SEVERITIES: &[&str] = &["critical", "warning", "info"];
+
+/// Where the webhook of the healer is, and the receiver that Ark alerts must resolve to.
+const HEALER_URL: &str = "http://ark-healer.ark-system.svc:9488/api/v1/alerts";
+const HEALER_RECEIVER: &str = "ark-healer";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Files directly in `dir` whose name ends with `suffix`, sorted.
+fn files(dir: &Path, suffix: &str) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_file() && path.to_string_lossy().ends_with(suffix) {
+            out.push(path);
+        }
+    }
+    out.sort();
+    ensure!(!out.is_empty(), "no *{suffix} file in {}", dir.display());
+    Ok(out)
+}
+
+fn rel(path: &Path) -> String {
+    path.strip_prefix(root())
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn read_yaml(path: &Path) -> Result<Yaml> {
+    serde_yaml::from_str(&read(path)?).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// A scratch file under Cargo's per-target temporary directory.
+fn scratch(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("alerts-{}-{name}", std::process::id()))
+}
+
+struct Ran {
+    ok: bool,
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ran {
+    fn text(&self) -> String {
+        format!(
+            "exit code {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs a tool from the repository root. A missing tool is an error, not a skip: these checks
+/// gate every change (shared/STYLE.md item 14).
+fn run(program: &str, args: &[String]) -> Result<Ran> {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(root())
+        .output()
+        .with_context(|| {
+            format!(
+                "running {program}: install it with `apt-get install -y --no-install-recommends \
+                 prometheus prometheus-alertmanager`"
+            )
+        })?;
+    Ok(Ran {
+        ok: out.status.success(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+fn rule_files() -> Result<Vec<PathBuf>> {
+    files(&root().join("alerts"), ".rules.yml")
+}
+
+fn test_files() -> Result<Vec<PathBuf>> {
+    files(&root().join("alerts/tests"), ".test.yml")
+}
+
+fn str_map(value: Option<&Yaml>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Some(Yaml::Mapping(map)) = value {
+        for (k, v) in map {
+            let v = match v {
+                Yaml::String(s) => s.clone(),
+                Yaml::Number(n) => n.to_string(),
+                Yaml::Bool(b) => b.to_string(),
+                other => format!("{other:?}"),
+            };
+            out.insert(k.as_str().unwrap_or_default().to_string(), v);
+        }
+    }
+    out
+}
+
+fn get_str<'a>(value: &'a Yaml, key: &str) -> Option<&'a str> {
+    value.get(key).and_then(Yaml::as_str)
+}
+
+#[derive(Debug, Default)]
+struct Rules {
+    alerts: Vec<AlertRule>,
+    /// Names of the recording rules.
+    records: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone)]
+struct AlertRule {
+    file: String,
+    name: String,
+    expr: String,
+    for_: Option<String>,
+    keep_firing_for: Option<String>,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+}
+
+fn parse_rules(file: &str, doc: &Yaml) -> Result<Rules> {
+    let mut rules = Rules::default();
+    let groups = doc
+        .get("groups")
+        .and_then(Yaml::as_sequence)
+        .with_context(|| format!("{file}: no `groups` list"))?;
+    for group in groups {
+        for rule in group
+            .get("rules")
+            .and_then(Yaml::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            let expr = get_str(rule, "expr").unwrap_or_default().to_string();
+            if let Some(name) = get_str(rule, "record") {
+                rules.records.insert(name.to_string());
+            } else if let Some(name) = get_str(rule, "alert") {
+                rules.alerts.push(AlertRule {
+                    file: file.to_string(),
+                    name: name.to_string(),
+                    expr,
+                    for_: get_str(rule, "for").map(str::to_string),
+                    keep_firing_for: get_str(rule, "keep_firing_for").map(str::to_string),
+                    labels: str_map(rule.get("labels")),
+                    annotations: str_map(rule.get("annotations")),
+                });
+            } else {
+                bail!("{file}: a rule with neither `alert` nor `record`: {rule:?}");
+            }
+        }
+    }
+    Ok(rules)
+}
+
+fn load_rules(paths: &[PathBuf]) -> Result<Rules> {
+    let mut all = Rules::default();
+    for path in paths {
+        let rules = parse_rules(&rel(path), &read_yaml(path)?)?;
+        all.alerts.extend(rules.alerts);
+        all.records.extend(rules.records);
+    }
+    Ok(all)
+}
+
+// ------------------------------------------------------------------------------------------------
+// promtool: check rules, test rules
+
+#[test]
+fn promtool_check_rules_is_clean() -> Result<()> {
+    let paths = rule_files()?;
+    let mut args = vec!["check".to_string(), "rules".to_string()];
+    args.extend(paths.iter().map(|p| rel(p)));
+    let ran = run("promtool", &args)?;
+    ensure!(ran.ok, "promtool check rules failed:\n{}", ran.text());
+    for path in &paths {
+        ensure!(
+            ran.stdout
+                .contains(&format!("Checking {}\n  SUCCESS", rel(path))),
+            "promtool did not report SUCCESS for {}:\n{}",
+            rel(path),
+            ran.text()
+        );
+    }
+    // Lint warnings (duplicate rules, ...) go to stderr with exit code 0 in 2.42: none allowed.
+    ensure!(
+        ran.stderr.trim().is_empty(),
+        "promtool check rules warned:\n{}",
+        ran.text()
+    );
+    Ok(())
+}
+
+#[test]
+fn promtool_unit_tests_pass() -> Result<()> {
+    let paths = test_files()?;
+    let mut args = vec!["test".to_string(), "rules".to_string()];
+    args.extend(paths.iter().map(|p| rel(p)));
+    let ran = run("promtool", &args)?;
+    ensure!(ran.ok, "promtool test rules failed:\n{}", ran.text());
+    let successes = ran.stdout.matches("  SUCCESS").count();
+    ensure!(
+        successes == paths.len(),
+        "expected {} SUCCESS lines (one per test file), got {successes}:\n{}",
+        paths.len(),
+        ran.text()
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// rule coverage: every alerting rule fires in a test and stays quiet in another
+
+#[derive(Debug, Default)]
+struct Coverage {
+    /// alertname -> number of cases that expect it to fire.
+    firing: BTreeMap<String, usize>,
+    /// alertname -> number of cases that expect no alert.
+    quiet: BTreeMap<String, usize>,
+    /// Every expected firing alert's labels, with where it was expected.
+    expected: Vec<(String, BTreeMap<String, String>)>,
+}
+
+/// Reads one promtool test file. `known` maps each rule file (as written in `rule_files`,
+/// resolved against the test file's directory) to the alerts it defines; a case for an alert
+/// that the test file does not load is an error, because an empty `exp_alerts` would pass for it
+/// without testing anything.
+fn add_coverage(
+    cov: &mut Coverage,
+    file: &str,
+    doc: &Yaml,
+    loaded_alerts: &BTreeSet<String>,
+) -> Result<()> {
+    let groups = doc
+        .get("tests")
+        .and_then(Yaml::as_sequence)
+        .with_context(|| format!("{file}: no `tests` list"))?;
+    for group in groups {
+        for case in group
+            .get("alert_rule_test")
+            .and_then(Yaml::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            let alert = get_str(case, "alertname")
+                .with_context(|| format!("{file}: alert_rule_test without alertname"))?;
+            ensure!(
+                loaded_alerts.contains(alert),
+                "{file}: a case tests alert {alert:?}, which none of the file's rule_files define"
+            );
+            let expected = case.get("exp_alerts").and_then(Yaml::as_sequence);
+            match expected {
+                Some(list) if !list.is_empty() => {
+                    *cov.firing.entry(alert.to_string()).or_default() += 1;
+                    for exp in list {
+                        let mut labels = str_map(exp.get("exp_labels"));
+                        labels.insert("alertname".into(), alert.to_string());
+                        cov.expected.push((file.to_string(), labels));
+                    }
+                }
+                _ => *cov.quiet.entry(alert.to_string()).or_default() += 1,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Alerts without a firing case or without a quiet case.
+fn coverage_gaps(alerts: &[AlertRule], cov: &Coverage) -> Vec<String> {
+    let mut gaps = Vec::new();
+    for alert in alerts {
+        if !cov.firing.contains_key(&alert.name) {
+            gaps.push(format!(
+                "{} ({}): no promtool case where it fires (exp_alerts non-empty)",
+                alert.name, alert.file
+            ));
+        }
+        if !cov.quiet.contains_key(&alert.name) {
+            gaps.push(format!(
+                "{} ({}): no promtool case where it must stay quiet (exp_alerts: [])",
+                alert.name, alert.file
+            ));
+        }
+    }
+    gaps
+}
+
+fn load_coverage() -> Result<Coverage> {
+    let mut cov = Coverage::default();
+    for path in test_files()? {
+        let doc = read_yaml(&path)?;
+        let dir = path.parent().expect("a test file has a directory");
+        let mut loaded = BTreeSet::new();
+        for rf in doc
+            .get("rule_files")
+            .and_then(Yaml::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            let rf = dir.join(rf.as_str().context("rule_files entries are strings")?);
+            let rules = parse_rules(&rel(&rf), &read_yaml(&rf)?)?;
+            loaded.extend(rules.alerts.into_iter().map(|a| a.name));
+        }
+        add_coverage(&mut cov, &rel(&path), &doc, &loaded)?;
+    }
+    Ok(cov)
+}
+
+#[test]
+fn every_alerting_rule_has_a_firing_and_a_quiet_test() -> Result<()> {
+    let rules = load_rules(&rule_files()?)?;
+    ensure!(!rules.alerts.is_empty(), "no alerting rules found");
+    let cov = load_coverage()?;
+    let gaps = coverage_gaps(&rules.alerts, &cov);
+    ensure!(
+        gaps.is_empty(),
+        "alerting rules without tests:\n  {}",
+        gaps.join("\n  ")
+    );
+    for alert in &rules.alerts {
+        eprintln!(
+            "{:<24} firing cases {:>2}, quiet cases {:>2}",
+            alert.name, cov.firing[&alert.name], cov.quiet[&alert.name]
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn coverage_check_reports_an_untested_rule() -> Result<()> {
+    let doc: Yaml = serde_yaml::from_str(
+        "tests:\n- alert_rule_test:\n  - {eval_time: 1m, alertname: A, exp_alerts: [{exp_labels: {x: y}}]}\n  - {eval_time: 2m, alertname: A, exp_alerts: []}\n  - {eval_time: 2m, alertname: B, exp_alerts: []}\n",
+    )?;
+    let mut cov = Coverage::default();
+    let loaded: BTreeSet<String> = ["A", "B", "C"].iter().map(|s| s.to_string()).collect();
+    add_coverage(&mut cov, "t.yml", &doc, &loaded)?;
+    let rule = |name: &str| AlertRule {
+        file: "r.yml".into(),
+        name: name.into(),
+        expr: "up".into(),
+        for_: None,
+        keep_firing_for: None,
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+    };
+    let gaps = coverage_gaps(&[rule("A"), rule("B"), rule("C")], &cov);
+    assert_eq!(gaps.len(), 3, "{gaps:#?}");
+    assert!(gaps[0].starts_with("B (r.yml): no promtool case where it fires"));
+    assert!(gaps[1].starts_with("C (r.yml): no promtool case where it fires"));
+    assert!(gaps[2].starts_with("C (r.yml): no promtool case where it must stay quiet"));
+
+    // A case for an alert the test file does not load is rejected.
+    let mut cov = Coverage::default();
+    let only_a: BTreeSet<String> = ["A".to_string()].into();
+    let err = add_coverage(&mut cov, "t.yml", &doc, &only_a).unwrap_err();
+    assert!(err.to_string().contains("\"B\""), "{err}");
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// the healer label contract (DESIGN.md, "Alerts")
+
+/// A Prometheus duration: one or more `<digits><unit>`, units ms, s, m, h, d, w, y.
+fn is_duration(text: &str) -> bool {
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if digits == 0 {
+            return false;
+        }
+        rest = &rest[digits..];
+        let Some(unit) = ["ms", "s", "m", "h", "d", "w", "y"]
+            .iter()
+            .find(|u| rest.starts_with(**u))
+        else {
+            return false;
+        };
+        rest = &rest[unit.len()..];
+    }
+    !text.is_empty()
+}
+
+fn contract_problems(
+    alerts: &[AlertRule],
+    expected: &[(String, BTreeMap<String, String>)],
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut names = BTreeSet::new();
+    for a in alerts {
+        let at = format!("{} ({})", a.name, a.file);
+        if !names.insert(a.name.clone()) {
+            problems.push(format!(
+                "{at}: a second rule with this alertname (one rule per condition)"
+            ));
+        }
+        match a.labels.get("condition") {
+            None => problems.push(format!("{at}: no `condition` label")),
+            Some(c) if !CATALOG_WITH_ALERTS.contains(&c.as_str()) => problems.push(format!(
+                "{at}: condition {c:?} is not in DESIGN.md's catalog"
+            )),
+            Some(c) if c != &a.name => {
+                problems.push(format!("{at}: condition {c:?} differs from the alertname"))
+            }
+            Some(_) => {}
+        }
+        match a.labels.get("severity") {
+            Some(s) if SEVERITIES.contains(&s.as_str()) => {}
+            other => problems.push(format!(
+                "{at}: severity {other:?} is not one of {SEVERITIES:?}"
+            )),
+        }
+        for key in ["summary", "description"] {
+            if a.annotations.get(key).is_none_or(|s| s.trim().is_empty()) {
+                problems.push(format!("{at}: no `{key}` annotation"));
+            }
+        }
+        if a.for_.is_none() {
+            problems.push(format!(
+                "{at}: no explicit `for:` (write `for: 0m` when none is wanted)"
+            ));
+        }
+        if let Some(k) = &a.keep_firing_for
+            && k.trim_end_matches(char::is_alphabetic)
+                .parse::<u64>()
+                .is_err()
+        {
+            problems.push(format!("{at}: keep_firing_for {k:?} is not a duration"));
+        }
+        if !a.expr.contains("node") {
+            problems.push(format!("{at}: the expression never mentions `node`"));
+        }
+    }
+    // `node` must survive every expression: each firing expectation of the unit tests has it.
+    for (file, labels) in expected {
+        for key in ["node", "condition", "severity"] {
+            if labels.get(key).is_none_or(|v| v.is_empty()) {
+                problems.push(format!(
+                    "{file}: an expected {} alert has no `{key}` label: {labels:?}",
+                    labels["alertname"]
+                ));
+            }
+        }
+    }
+    problems
+}
+
+#[test]
+fn alerts_carry_the_healer_label_contract() -> Result<()> {
+    let rules = load_rules(&rule_files()?)?;
+    let cov = load_coverage()?;
+    let problems = contract_problems(&rules.alerts, &cov.expected);
+    ensure!(
+        problems.is_empty(),
+        "label contract broken:\n  {}",
+        problems.join("\n  ")
+    );
+
+    let conditions: BTreeSet<&str> = rules
+        .alerts
+        .iter()
+        .filter_map(|a| a.labels.get("condition"))
+        .map(String::as_str)
+        .collect();
+    let missing: Vec<_> = CATALOG_WITH_ALERTS
+        .iter()
+        .filter(|c| !conditions.contains(**c))
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "catalog conditions without an alerting rule: {missing:?}"
+    );
+
+    // The healer's embedded catalog, when it is there, must know every condition we send.
+    let catalog = root().join("healer/catalog.yaml");
+    if catalog.exists() {
+        let doc = read_yaml(&catalog)?;
+        let known = doc
+            .get("conditions")
+            .and_then(Yaml::as_mapping)
+            .with_context(|| format!("{}: no `conditions` mapping", rel(&catalog)))?;
+        let unknown: Vec<_> = conditions
+            .iter()
+            .filter(|c| !known.contains_key(Yaml::String(c.to_string())))
+            .collect();
+        ensure!(
+            unknown.is_empty(),
+            "conditions unknown to {}: {unknown:?}",
+            rel(&catalog)
+        );
+    } else {
+        eprintln!(
+            "note: {} absent, healer catalog cross-check skipped",
+            rel(&catalog)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn durations_are_recognised() {
+    for ok in ["0m", "10m", "1h30m", "500ms", "2d"] {
+        assert!(is_duration(ok), "{ok}");
+    }
+    for bad in ["", "10", "m", "soon", "10 m", "1.5h"] {
+        assert!(!is_duration(bad), "{bad}");
+    }
+}
+
+#[test]
+fn contract_check_reports_a_broken_rule() {
+    let bad = AlertRule {
+        file: "r.yml".into(),
+        name: "GpuHung".into(),
+        expr: "up == 0".into(),
+        for_: None,
+        keep_firing_for: Some("soon".into()),
+        labels: [("condition".to_string(), "GpuHang".to_string())].into(),
+        annotations: BTreeMap::new(),
+    };
+    let expected = vec![(
+        "t.yml".to_string(),
+        [("alertname".to_string(), "GpuHung".to_string())].into(),
+    )];
+    let problems = contract_problems(&[bad.clone(), bad], &expected);
+    let text = problems.join("\n");
+    for needle in [
+        "second rule with this alertname",
+        "\"GpuHang\" is not in DESIGN.md's catalog",
+        "severity None",
+        "no `summary` annotation",
+        "no `description` annotation",
+        "no explicit `for:`",
+        "\"soon\" is not a duration",
+        "never mentions `node`",
+        "has no `node` label",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Alertmanager
+
+fn am_config() -> PathBuf {
+    root().join("deploy/alertmanager/alertmanager.yml")
+}
+
+#[test]
+fn amtool_check_config_is_clean() -> Result<()> {
+    let ran = run("amtool", &["check-config".into(), rel(&am_config())])?;
+    ensure!(ran.ok, "amtool check-config failed:\n{}", ran.text());
+    ensure!(
+        ran.stdout.contains("SUCCESS"),
+        "no SUCCESS from amtool:\n{}",
+        ran.text()
+    );
+    Ok(())
+}
+
+/// The parts of the route the healer depends on, read from the file (amtool validates syntax,
+/// not intent).
+#[test]
+fn alertmanager_routes_conditions_to_the_healer_by_node() -> Result<()> {
+    let doc = read_yaml(&am_config())?;
+    let routes = doc["route"]["routes"]
+        .as_sequence()
+        .context("route.routes")?;
+    let healer = routes
+        .iter()
+        .find(|r| get_str(r, "receiver") == Some(HEALER_RECEIVER))
+        .context("no route to the ark-healer receiver")?;
+    let group_by: Vec<_> = healer["group_by"]
+        .as_sequence()
+        .context("group_by")?
+        .iter()
+        .collect();
+    ensure!(
+        group_by == [&Yaml::String("node".into())],
+        "healer route group_by {group_by:?}"
+    );
+    let wait = get_str(healer, "group_wait").context("group_wait")?;
+    let secs: u64 = wait
+        .trim_end_matches('s')
+        .parse()
+        .context("group_wait in seconds")?;
+    ensure!(secs <= 10, "group_wait {wait} is not small");
+
+    let receiver = doc["receivers"]
+        .as_sequence()
+        .context("receivers")?
+        .iter()
+        .find(|r| get_str(r, "name") == Some(HEALER_RECEIVER))
+        .context("no ark-healer receiver")?;
+    let hooks = receiver["webhook_configs"]
+        .as_sequence()
+        .context("webhook_configs")?;
+    ensure!(hooks.len() == 1, "one webhook expected");
+    let hook = &hooks[0];
+    ensure!(
+        get_str(hook, "url") == Some(HEALER_URL),
+        "webhook url {:?}",
+        hook["url"]
+    );
+    ensure!(
+        hook["send_resolved"].as_bool() == Some(true),
+        "send_resolved must be true"
+    );
+    let auth = &hook["http_config"]["authorization"];
+    ensure!(
+        get_str(auth, "credentials_file").is_some_and(|f| f.starts_with('/')),
+        "the bearer token must come from an absolute credentials_file: {auth:?}"
+    );
+    ensure!(
+        auth.get("credentials").is_none(),
+        "no inline token in the config"
+    );
+    Ok(())
+}
+
+fn route_test(labels: &BTreeMap<String, String>, receiver: &str) -> Result<Option<String>> {
+    let mut args = vec![
+        "config".to_string(),
+        "routes".into(),
+        "test".into(),
+        format!("--config.file={}", rel(&am_config())),
+        format!("--verify.receivers={receiver}"),
+    ];
+    args.extend(labels.iter().map(|(k, v)| format!("{k}={v}")));
+    let ran = run("amtool", &args)?;
+    let got = ran.stdout.trim();
+    if ran.ok && got == receiver {
+        Ok(None)
+    } else {
+        Ok(Some(format!(
+            "{labels:?}: expected {receiver}, amtool said:\n{}",
+            ran.text()
+        )))
+    }
+}
+
+#[test]
+fn amtool_route_cases_resolve_to_the_expected_receiver() -> Result<()> {
+    let cases_file = root().join("deploy/alertmanager/routes-test.yml");
+    let doc = read_yaml(&cases_file)?;
+    let mut cases: Vec<(String, BTreeMap<String, String>, String)> = Vec::new();
+    for case in doc["cases"].as_sequence().context("cases")? {
+        cases.push((
+            get_str(case, "name").unwrap_or("?").to_string(),
+            str_map(case.get("labels")),
+            get_str(case, "receiver").context("receiver")?.to_string(),
+        ));
+    }
+    ensure!(
+        cases.iter().any(|c| c.2 != HEALER_RECEIVER),
+        "no negative route case"
+    );
+    // Every alerting rule, with the labels it really carries, must reach the healer.
+    for alert in load_rules(&rule_files()?)?.alerts {
+        let mut labels = alert.labels.clone();
+        labels.insert("alertname".into(), alert.name.clone());
+        labels.insert("node".into(), "gpu-node-1".into());
+        cases.push((
+            format!("rule {}", alert.name),
+            labels,
+            HEALER_RECEIVER.into(),
+        ));
+    }
+    let mut failures = Vec::new();
+    for (name, labels, receiver) in &cases {
+        if let Some(f) = route_test(labels, receiver)? {
+            failures.push(format!("{name}: {f}"));
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "route cases failed:\n{}",
+        failures.join("\n")
+    );
+    eprintln!("{} route cases passed", cases.len());
+
+    // The check can fail: a plain alert must not reach the healer.
+    let watchdog: BTreeMap<String, String> = [("alertname".into(), "Watchdog".into())].into();
+    ensure!(
+        route_test(&watchdog, HEALER_RECEIVER)?.is_some(),
+        "amtool verify never fails"
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// dashboards
+
+#[derive(Debug)]
+struct Query {
+    at: String,
+    expr: String,
+}
+
+/// Grafana's built-in variables that a query may use, with a value to parse with.
+const BUILTIN_VARS: &[(&str, &str)] = &[
+    ("__rate_interval", "1m"),
+    ("__interval", "30s"),
+    ("__range", "1h"),
+    ("__range_s", "3600"),
+    ("__interval_ms", "30000"),
+];
+
+/// Replaces `$name`, `${name}`, `${name:format}` and `[[name]]` by a value that keeps the
+/// PromQL valid: a duration for the interval built-ins, `.*` for template variables. An unknown
+/// variable is an error (a typo would otherwise only show as an empty panel).
+fn substitute(expr: &str, vars: &BTreeSet<String>) -> Result<String> {
+    let value = |name: &str| -> Result<String> {
+        if let Some((_, v)) = BUILTIN_VARS.iter().find(|(n, _)| *n == name) {
+            Ok(v.to_string())
+        } else if vars.contains(name) {
+            Ok(".*".to_string())
+        } else {
+            bail!("unknown template variable ${name} in {expr:?}")
+        }
+    };
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut out = String::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find(['$', '[']) {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if let Some(inner) = tail.strip_prefix("${") {
+            let end = inner
+                .find('}')
+                .with_context(|| format!("unclosed ${{ in {expr:?}"))?;
+            let name = inner[..end].split(':').next().unwrap_or_default();
+            out.push_str(&value(name)?);
+            rest = &inner[end + 1..];
+        } else if let Some(inner) = tail.strip_prefix("[[") {
+            match inner.find("]]") {
+                Some(end) if inner[..end].chars().all(|c| is_name(c) || c == ':') => {
+                    out.push_str(&value(inner[..end].split(':').next().unwrap_or_default())?);
+                    rest = &inner[end + 2..];
+                }
+                _ => {
+                    out.push('[');
+                    rest = &tail[1..];
+                }
+            }
+        } else if let Some(after) = tail.strip_prefix('$') {
+            let name: String = after.chars().take_while(|c| is_name(*c)).collect();
+            ensure!(!name.is_empty(), "a lone $ in {expr:?}");
+            out.push_str(&value(&name)?);
+            rest = &after[name.len()..];
+        } else {
+            out.push('[');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Structural problems of one dashboard, and its queries with variables substituted.
+fn check_dashboard(file: &str, doc: &Json) -> (Vec<String>, Vec<Query>) {
+    let mut problems = Vec::new();
+    let mut queries = Vec::new();
+    let schema = doc["schemaVersion"].as_u64().unwrap_or(0);
+    if schema < 36 {
+        problems.push(format!(
+            "{file}: schemaVersion {schema} is older than Grafana 9 (36)"
+        ));
+    }
+    for key in ["uid", "title"] {
+        if doc[key].as_str().is_none_or(str::is_empty) {
+            problems.push(format!("{file}: no {key}"));
+        }
+    }
+    let vars = doc["templating"]["list"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let var_names: BTreeSet<String> = vars
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .map(str::to_string)
+        .collect();
+    let ds_ok = vars.iter().any(|v| {
+        v["name"] == "datasource" && v["type"] == "datasource" && v["query"] == "prometheus"
+    });
+    if !ds_ok {
+        problems.push(format!(
+            "{file}: no `datasource` variable of type datasource/prometheus"
+        ));
+    }
+    for v in &vars {
+        if v["type"] == "query" {
+            let q = v["query"]["query"]
+                .as_str()
+                .or(v["query"].as_str())
+                .unwrap_or_default();
+            if q.is_empty() {
+                problems.push(format!("{file}: variable {} has no query", v["name"]));
+            }
+            if v["datasource"]["uid"] != "${datasource}" {
+                problems.push(format!(
+                    "{file}: variable {} does not use ${{datasource}}",
+                    v["name"]
+                ));
+            }
+        }
+    }
+
+    // Rows may nest collapsed panels; visit both levels.
+    let mut panels: Vec<&Json> = Vec::new();
+    for p in doc["panels"].as_array().into_iter().flatten() {
+        panels.push(p);
+        panels.extend(p["panels"].as_array().into_iter().flatten());
+    }
+    if panels.iter().all(|p| p["type"] == "row") {
+        problems.push(format!("{file}: no panels"));
+    }
+    let mut ids = BTreeSet::new();
+    for p in panels {
+        let title = p["title"].as_str().unwrap_or("?");
+        let at = format!("{file} panel {title:?}");
+        if !ids.insert(p["id"].as_u64().unwrap_or(0)) {
+            problems.push(format!("{at}: duplicate or missing id {}", p["id"]));
+        }
+        let g = &p["gridPos"];
+        let (x, w) = (g["x"].as_u64().unwrap_or(99), g["w"].as_u64().unwrap_or(99));
+        if x + w > 24 || g["h"].as_u64().is_none() || g["y"].as_u64().is_none() {
+            problems.push(format!("{at}: bad gridPos {g}"));
+        }
+        if !p["arkExpectEmpty"].is_null() && !p["arkExpectEmpty"].is_boolean() {
+            problems.push(format!("{at}: arkExpectEmpty must be true or false"));
+        }
+        if p["type"] == "row" || p["type"] == "text" {
+            continue;
+        }
+        if p["datasource"]["uid"] != "${datasource}" {
+            problems.push(format!("{at}: datasource is not ${{datasource}}"));
+        }
+        let targets = p["targets"].as_array().cloned().unwrap_or_default();
+        if targets.is_empty() {
+            problems.push(format!("{at}: no targets"));
+        }
+        let mut refs = BTreeSet::new();
+        for t in &targets {
+            let expr = t["expr"].as_str().unwrap_or_default();
+            if expr.trim().is_empty() {
+                problems.push(format!("{at}: a target without expr"));
+                continue;
+            }
+            if !refs.insert(t["refId"].as_str().unwrap_or_default().to_string()) {
+                problems.push(format!("{at}: duplicate refId {}", t["refId"]));
+            }
+            if !t["datasource"].is_null() && t["datasource"]["uid"] != "${datasource}" {
+                problems.push(format!("{at}: target datasource is not ${{datasource}}"));
+            }
+            match substitute(expr, &var_names) {
+                Ok(expr) => queries.push(Query {
+                    at: format!("{at} {}", t["refId"]),
+                    expr,
+                }),
+                Err(e) => problems.push(format!("{at}: {e:#}")),
+            }
+        }
+    }
+    (problems, queries)
+}
+
+/// Parses every query with the real PromQL parser: `promtool check rules` on a file with one
+/// recording rule per query. Returns promtool's complaints, named by panel.
+fn promtool_parse(name: &str, queries: &[Query]) -> Result<Vec<String>> {
+    let rules: Vec<Json> = queries
+        .iter()
+        .enumerate()
+        .map(|(i, q)| serde_json::json!({"record": format!("dashboard:q{i}"), "expr": q.expr}))
+        .collect();
+    let doc = serde_json::json!({"groups": [{"name": "dashboards", "rules": rules}]});
+    let path = scratch(name);
+    // YAML is a superset of JSON, and JSON escapes every string exactly.
+    std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
+    let ran = run(
+        "promtool",
+        &["check".into(), "rules".into(), path.display().to_string()],
+    )?;
+    let _ = std::fs::remove_file(&path);
+    if ran.ok {
+        ensure!(
+            ran.stdout
+                .contains(&format!("SUCCESS: {} rules found", queries.len())),
+            "promtool did not parse all {} queries:\n{}",
+            queries.len(),
+            ran.text()
+        );
+        return Ok(Vec::new());
+    }
+    let mut problems = Vec::new();
+    for (i, q) in queries.iter().enumerate() {
+        let tag = format!("\"dashboard:q{i}\"");
+        if let Some(line) = ran
+            .stdout
+            .lines()
+            .chain(ran.stderr.lines())
+            .find(|l| l.contains(&tag))
+        {
+            problems.push(format!("{}: {}\n    expr: {}", q.at, line, q.expr));
+        }
+    }
+    if problems.is_empty() {
+        problems.push(format!("promtool check rules failed:\n{}", ran.text()));
+    }
+    Ok(problems)
+}
+
+fn dashboard_files() -> Result<Vec<PathBuf>> {
+    files(&root().join("dashboards"), ".json")
+}
+
+#[test]
+fn dashboards_are_well_formed_and_every_query_parses() -> Result<()> {
+    let mut problems = Vec::new();
+    let mut queries = Vec::new();
+    let mut uids = BTreeSet::new();
+    for path in dashboard_files()? {
+        let doc: Json = serde_json::from_str(&read(&path)?)
+            .with_context(|| format!("{} is not valid JSON", rel(&path)))?;
+        if !uids.insert(doc["uid"].as_str().unwrap_or_default().to_string()) {
+            problems.push(format!("{}: uid {} used twice", rel(&path), doc["uid"]));
+        }
+        let (p, q) = check_dashboard(&rel(&path), &doc);
+        problems.extend(p);
+        queries.extend(q);
+    }
+    ensure!(
+        problems.is_empty(),
+        "dashboard problems:\n  {}",
+        problems.join("\n  ")
+    );
+    let parse = promtool_parse("dashboards.yml", &queries)?;
+    ensure!(
+        parse.is_empty(),
+        "queries that do not parse:\n  {}",
+        parse.join("\n  ")
+    );
+    eprintln!("{} dashboard queries parsed by promtool", queries.len());
+    Ok(())
+}
+
+#[test]
+fn dashboard_checks_report_broken_panels() -> Result<()> {
+    let doc = serde_json::json!({
+        "uid": "x", "title": "x", "schemaVersion": 39,
+        "templating": {"list": [
+            {"name": "datasource", "type": "datasource", "query": "prometheus"},
+            {"name": "node", "type": "query", "query": {"query": "label_values(up, node)"},
+             "datasource": {"type": "prometheus", "uid": "${datasource}"}}]},
+        "panels": [
+            {"id": 1, "type": "timeseries", "title": "good", "gridPos": {"x": 0, "y": 0, "w": 12, "h": 8},
+             "datasource": {"uid": "${datasource}"},
+             "targets": [{"refId": "A", "expr": "rate(ark_events_total{node=~\"$node\"}[$__rate_interval])"}]},
+            {"id": 2, "type": "timeseries", "title": "unparsable", "gridPos": {"x": 12, "y": 0, "w": 12, "h": 8},
+             "datasource": {"uid": "${datasource}"},
+             "targets": [{"refId": "A", "expr": "sum(rate(ark_events_total[5m])"}]},
+            {"id": 2, "type": "stat", "title": "typo", "gridPos": {"x": 20, "y": 8, "w": 12, "h": 8},
+             "datasource": {"uid": "prom"}, "arkExpectEmpty": "yes",
+             "targets": [{"refId": "A", "expr": "ark_gpu_up{node=~\"${nodes}\"}"}]}]
+    });
+    let (problems, queries) = check_dashboard("d.json", &doc);
+    let text = problems.join("\n");
+    for needle in [
+        "duplicate or missing id 2",
+        "bad gridPos",
+        "arkExpectEmpty must be true or false",
+        "datasource is not ${datasource}",
+        "unknown template variable $nodes",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    assert_eq!(queries.len(), 2);
+    assert_eq!(queries[0].expr, "rate(ark_events_total{node=~\".*\"}[1m])");
+    let parse = promtool_parse("broken.yml", &queries)?;
+    assert_eq!(parse.len(), 1, "{parse:#?}");
+    assert!(parse[0].contains("\"unparsable\"") && parse[0].contains("unclosed left parenthesis"));
+    Ok(())
+}
+
+#[test]
+fn substitute_handles_grafana_variable_forms() -> Result<()> {
+    let vars: BTreeSet<String> = ["node".to_string(), "gpu".to_string()].into();
+    assert_eq!(
+        substitute(
+            "x{node=~\"${node:regex}\", gpu=~\"[[gpu]]\"}[$__range] offset $__interval",
+            &vars
+        )?,
+        "x{node=~\".*\", gpu=~\".*\"}[1h] offset 30s"
+    );
+    assert_eq!(substitute("rate(x[5m])", &vars)?, "rate(x[5m])");
+    assert!(substitute("x{a=\"$job\"}", &vars).is_err());
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// metric names
+
+/// Names from a Prometheus text exposition: `# TYPE`/`# HELP` names and sample names.
+fn exposition_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let name = if let Some(meta) = line
+            .strip_prefix("# TYPE ")
+            .or(line.strip_prefix("# HELP "))
+        {
+            meta.split_whitespace().next()
+        } else if line.starts_with('#') {
+            None
+        } else {
+            line.split(['{', ' ']).next()
+        };
+        if let Some(name) = name.filter(|n| !n.is_empty()) {
+            names.insert(name.to_string());
+        }
+    }
+    names
+}
+
+/// The metric names a file uses: identifiers starting with `ark_`. Identifiers with a `:` are
+/// recording-rule names and are returned apart.
+fn used_names(text: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let mut metrics = BTreeSet::new();
+    let mut recorded = BTreeSet::new();
+    for token in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')) {
+        let token = token.trim_matches(':');
+        if token.contains(':') {
+            if token.split(':').count() == 3 && token.contains("ark_") {
+                recorded.insert(token.to_string());
+            }
+        } else if token.starts_with("ark_") {
+            metrics.insert(token.to_string());
+        }
+    }
+    (metrics, recorded)
+}
+
+fn is_known(name: &str, known: &BTreeSet<String>) -> bool {
+    known.contains(name)
+        || ["_bucket", "_sum", "_count"].iter().any(|s| {
+            name.strip_suffix(s)
+                .is_some_and(|base| known.contains(base))
+        })
+}
+
+/// Problems with the names used in `files` (path, text).
+fn metric_name_problems(
+    files: &[(String, String)],
+    contract: &BTreeSet<String>,
+    golden: &BTreeSet<String>,
+    golden_files: &str,
+    records: &BTreeSet<String>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (file, text) in files {
+        let (metrics, recorded) = used_names(text);
+        for m in metrics {
+            if !is_known(&m, contract) && !is_known(&m, golden) {
+                problems.push(format!(
+                    "{file}: metric `{m}` is neither in alerts/metric-names.txt (the DESIGN.md \
+                     contract) nor in {golden_files}: renamed or misspelt?"
+                ));
+            }
+        }
+        for r in recorded {
+            if !records.contains(&r) {
+                problems.push(format!(
+                    "{file}: `{r}` looks like a recording rule but no alerts/*.rules.yml records it"
+                ));
+            }
+        }
+    }
+    problems
+}
+
+#[test]
+fn metric_names_are_in_the_contract() -> Result<()> {
+    let root = root();
+    let contract: BTreeSet<String> = read(&root.join("alerts/metric-names.txt"))?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    ensure!(
+        contract.len() > 30,
+        "alerts/metric-names.txt looks truncated"
+    );
+
+    let mut golden = BTreeSet::new();
+    let mut golden_files = Vec::new();
+    for g in [
+        "exporter/tests/golden/metrics.txt",
+        "healer/tests/golden/metrics.txt",
+    ] {
+        let path = root.join(g);
+        if path.exists() {
+            golden.extend(exposition_names(&read(&path)?));
+            golden_files.push(g);
+        }
+    }
+    let golden_desc = if golden_files.is_empty() {
+        "any golden /metrics file (none exists yet)".to_string()
+    } else {
+        golden_files.join(" or ")
+    };
+
+    let mut paths = rule_files()?;
+    paths.extend(test_files()?);
+    paths.extend(dashboard_files()?);
+    let mut texts = Vec::new();
+    for p in &paths {
+        texts.push((rel(p), read(p)?));
+    }
+    let records = load_rules(&rule_files()?)?.records;
+    let problems = metric_name_problems(&texts, &contract, &golden, &golden_desc, &records);
+    ensure!(
+        problems.is_empty(),
+        "unknown metric names:\n  {}",
+        problems.join("\n  ")
+    );
+
+    if !golden_files.is_empty() {
+        // Informational: contract names the alerts use that the fixture run does not produce
+        // (e.g. NVML metrics on a machine without a GPU).
+        let used: BTreeSet<String> = texts.iter().flat_map(|(_, t)| used_names(t).0).collect();
+        let absent: Vec<_> = used.iter().filter(|m| !is_known(m, &golden)).collect();
+        if !absent.is_empty() {
+            eprintln!("note: used but not in {golden_desc}: {absent:?}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn metric_name_check_reports_an_unknown_name() {
+    let contract: BTreeSet<String> = [
+        "ark_gpu_up".to_string(),
+        "ark_block_io_latency_seconds".to_string(),
+    ]
+    .into();
+    let golden: BTreeSet<String> = exposition_names(
+        "# HELP ark_new_total New.\n# TYPE ark_new_total counter\nark_new_total{node=\"n\"} 1\n",
+    );
+    let records: BTreeSet<String> = ["node:ark_gpu_up:count".to_string()].into();
+    let files = vec![(
+        "a.yml".to_string(),
+        "expr: ark_gpu_up == 0 or ark_new_total or ark_block_io_latency_seconds_bucket \
+         or node:ark_gpu_up:count or ark_gpu_upp or node:ark_gpu_up:sum"
+            .to_string(),
+    )];
+    let problems = metric_name_problems(&files, &contract, &golden, "golden", &records);
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert!(problems[0].contains("`ark_gpu_upp` is neither in alerts/metric-names.txt"));
+    assert!(problems[1].contains("`node:ark_gpu_up:sum` looks like a recording rule"));
+}
