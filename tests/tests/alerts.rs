@@ -468,12 +468,12 @@ fn contract_problems(
                 "{at}: no explicit `for:` (write `for: 0m` when none is wanted)"
             ));
         }
-        if let Some(k) = &a.keep_firing_for
-            && k.trim_end_matches(char::is_alphabetic)
-                .parse::<u64>()
-                .is_err()
-        {
-            problems.push(format!("{at}: keep_firing_for {k:?} is not a duration"));
+        for (key, value) in [("for", &a.for_), ("keep_firing_for", &a.keep_firing_for)] {
+            if let Some(v) = value
+                && !is_duration(v)
+            {
+                problems.push(format!("{at}: {key} {v:?} is not a duration"));
+            }
         }
         if !a.expr.contains("node") {
             problems.push(format!("{at}: the expression never mentions `node`"));
