@@ -230,6 +230,14 @@ pub fn parse_alert_file(body: &[u8]) -> Result<Vec<Alert>> {
     }
 }
 
+/// See [`AlertStore::condition_state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionState {
+    Firing,
+    Resolved,
+    Unknown,
+}
+
 /// What [`AlertStore::apply`] did with one alert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -307,6 +315,25 @@ impl AlertStore {
     pub fn is_firing(&self, node: &str, condition: &str) -> bool {
         self.firing()
             .any(|a| a.node() == Some(node) && a.condition() == Some(condition))
+    }
+
+    /// State of the alerts on `node` for which `is_condition` holds: any firing → Firing; else any
+    /// resolved → Resolved; else Unknown (nothing heard, e.g. just after a restart).
+    pub fn condition_state(
+        &self,
+        node: &str,
+        is_condition: impl Fn(&Alert) -> bool,
+    ) -> ConditionState {
+        let mut state = ConditionState::Unknown;
+        for a in self.alerts.values() {
+            if a.node() == Some(node) && is_condition(a) {
+                match a.status {
+                    AlertStatus::Firing => return ConditionState::Firing,
+                    AlertStatus::Resolved => state = ConditionState::Resolved,
+                }
+            }
+        }
+        state
     }
 
     pub fn len(&self) -> usize {

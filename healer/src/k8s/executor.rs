@@ -1,0 +1,583 @@
+//! The executor: the only code that mutates the cluster. One reconcile pass = one consistent view
+//! of all nodes → [`planner::plan`] → for each node that may act, advance its SOP one step at a
+//! time. Each step is recorded in the ticket annotation (atomically with the node change it made,
+//! guarded by resourceVersion), in an Event and in the audit log. The ticket is the only state:
+//! a restarted healer reads it and continues with the first step that has not succeeded.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Patch, PatchParams};
+use serde_json::{Value, json};
+
+use super::{Kube, node_ticket};
+use crate::Result;
+use crate::alerts::{AlertStore, ConditionState};
+use crate::audit::{Audit, AuditRecord};
+use crate::catalog::{Catalog, Step};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::planner::{self, BlockReason, ClusterView, NodePlan, Plan};
+use crate::steps::{self, JobTemplates, Outcome, StepCtx};
+use crate::ticket::{StepStatus, TICKET_ANNOTATION, Ticket, TicketStatus, Workflow};
+
+pub struct Executor {
+    pub kube: Option<Kube>,
+    pub catalog: Catalog,
+    pub config: Config,
+    pub jobs: JobTemplates,
+    pub audit: Audit,
+    pub metrics: Metrics,
+    pub alerts: Arc<Mutex<AlertStore>>,
+    started: Instant,
+    /// Last block reported per node, so a block is counted once, not once per pass.
+    reported: Mutex<HashMap<String, String>>,
+}
+
+/// How long after start an alert we have not heard about counts as unknown rather than resolved:
+/// Alertmanager re-sends firing alerts on `repeat_interval`, so silence right after a restart
+/// proves nothing.
+const STARTUP_GRACE_SECONDS: u64 = 300;
+
+impl Executor {
+    pub fn new(
+        kube: Option<Kube>,
+        catalog: Catalog,
+        config: Config,
+        jobs: JobTemplates,
+        audit: Audit,
+        metrics: Metrics,
+        alerts: Arc<Mutex<AlertStore>>,
+    ) -> Self {
+        Executor {
+            kube,
+            catalog,
+            config,
+            jobs,
+            audit,
+            metrics,
+            alerts,
+            started: Instant::now(),
+            reported: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, AlertStore> {
+        self.alerts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One pass: read the cluster, plan, act. Returns the plan it acted on.
+    pub async fn reconcile(&self) -> Result<Plan> {
+        let view = match &self.kube {
+            Some(k) => k.cluster_view().await?,
+            None => ClusterView::default(),
+        };
+        let now = Timestamp::now();
+        let alerts = self.store().snapshot();
+        let plan = planner::plan(&alerts, &self.catalog, &self.config, &view, now);
+        self.update_gauges(&plan, &view);
+
+        let mut runnable = Vec::new();
+        for p in &plan.nodes {
+            let sop_dry = self.catalog.sop(&p.sop).is_some_and(|s| s.dry_run);
+            let dry = self.config.dry_run || sop_dry || self.kube.is_none();
+            match (p.block_reason, dry) {
+                (Some(reason), _) => {
+                    self.report_block(p, reason, p.blocked.as_deref().unwrap_or(""), dry)
+                        .await
+                }
+                (None, true) => {
+                    let msg = format!(
+                        "dry-run: would run {} for {}: {}",
+                        p.sop,
+                        p.condition,
+                        p.steps.join(", ")
+                    );
+                    self.report_block(p, BlockReason::DryRun, &msg, true).await;
+                }
+                (None, false) => {
+                    self.reported
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&p.node);
+                    runnable.push(p);
+                }
+            }
+        }
+        if let Some(kube) = &self.kube {
+            futures::stream::iter(runnable)
+                .for_each_concurrent(self.config.max_concurrent_nodes, |p| async move {
+                    if let Err(e) = self.advance(kube, p).await {
+                        tracing::warn!(node = %p.node, condition = %p.condition, error = %e, "SOP step failed; retried next pass");
+                    }
+                })
+                .await;
+        }
+        let gc_before = now.as_second() - 3600;
+        if let Ok(ts) = Timestamp::from_second(gc_before) {
+            self.store().gc(ts);
+        }
+        Ok(plan)
+    }
+
+    fn update_gauges(&self, plan: &Plan, view: &ClusterView) {
+        let open = view
+            .nodes
+            .values()
+            .filter(|n| matches!(&n.ticket, Some(Ok(t)) if t.status.is_open()))
+            .count();
+        self.metrics.tickets_open.set(open as i64);
+        self.metrics.condition_nodes.reset();
+        for p in &plan.nodes {
+            self.metrics
+                .condition_nodes
+                .with_label_values(&[p.condition.as_str()])
+                .inc();
+        }
+    }
+
+    /// Counts a block once per (node, reason), records it in the audit log and, where the node
+    /// may be written, in its ticket.
+    async fn report_block(&self, p: &NodePlan, reason: BlockReason, message: &str, dry: bool) {
+        let key = format!("{}|{}|{}", reason.label(), p.condition, message);
+        {
+            let mut rep = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+            if rep.get(&p.node) == Some(&key) {
+                return;
+            }
+            rep.insert(p.node.clone(), key);
+        }
+        self.metrics
+            .actions_blocked
+            .with_label_values(&[reason.label()])
+            .inc();
+        tracing::info!(node = %p.node, condition = %p.condition, reason = reason.label(), "Remediation blocked: {message}");
+        self.audit.record(&AuditRecord {
+            ts: Timestamp::now(),
+            node: &p.node,
+            condition: &p.condition,
+            sop: &p.sop,
+            step: None,
+            action: "Plan",
+            status: "Blocked",
+            message,
+            dry_run: dry,
+        });
+        // Never write to nodes that must stay untouched, to a ticket a human broke, or in dry-run.
+        let writable = matches!(
+            reason,
+            BlockReason::DisruptionBudget | BlockReason::Cooldown | BlockReason::RepeatOffender
+        );
+        if dry || !writable {
+            return;
+        }
+        let Some(kube) = &self.kube else { return };
+        let now = Timestamp::now();
+        let res = kube
+            .mutate_node(&p.node, |node| {
+                let prev = match node_ticket(node) {
+                    Some(Ok(t)) => Some(t),
+                    Some(Err(_)) => return Ok(None),
+                    None => None,
+                };
+                let mut t = match prev {
+                    Some(t) if t.status.is_open() && t.condition == p.condition => t,
+                    prev if reason == BlockReason::RepeatOffender => {
+                        let mut t = Ticket::new(
+                            &p.condition,
+                            &p.reason,
+                            &p.sop,
+                            p.fingerprint.as_deref(),
+                            now,
+                            prev.as_ref(),
+                        );
+                        t.history.pop(); // not a remediation: none will run
+                        t.status = TicketStatus::Escalated;
+                        t
+                    }
+                    Some(t) if reason == BlockReason::Cooldown => t,
+                    prev => Ticket::new(
+                        &p.condition,
+                        &p.reason,
+                        &p.sop,
+                        p.fingerprint.as_deref(),
+                        now,
+                        prev.as_ref(),
+                    ),
+                };
+                if t.blocked.as_deref() == Some(message) {
+                    return Ok(None);
+                }
+                t.blocked = Some(message.to_owned());
+                Ok(Some(ticket_patch(&p.node, &t)?))
+            })
+            .await;
+        match res {
+            Ok(Some(node)) if reason == BlockReason::RepeatOffender => {
+                kube.event(
+                    &self.config.events_namespace,
+                    &node,
+                    true,
+                    "Escalated",
+                    message,
+                )
+                .await;
+                self.metrics
+                    .sop_total
+                    .with_label_values(&[p.sop.as_str(), "escalated"])
+                    .inc();
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(node = %p.node, error = %e, "Block not recorded in the ticket")
+            }
+        }
+    }
+
+    fn condition_resolved(&self, node: &str, condition: &str) -> bool {
+        let state = self.store().condition_state(node, |a| {
+            self.catalog
+                .resolve(a.condition(), a.labels.get("xid").map(String::as_str))
+                == Some(condition)
+        });
+        match state {
+            ConditionState::Firing => false,
+            ConditionState::Resolved => true,
+            ConditionState::Unknown => self.started.elapsed().as_secs() >= STARTUP_GRACE_SECONDS,
+        }
+    }
+
+    fn gpu_of(&self, node: &str, condition: &str) -> String {
+        self.store()
+            .firing()
+            .filter(|a| a.node() == Some(node) && a.condition() == Some(condition))
+            .find_map(|a| a.labels.get("gpu").cloned())
+            .unwrap_or_else(|| "all".into())
+    }
+
+    fn audit_step(
+        &self,
+        p: &NodePlan,
+        step: Option<usize>,
+        action: &str,
+        status: &str,
+        message: &str,
+    ) {
+        self.audit.record(&AuditRecord {
+            ts: Timestamp::now(),
+            node: &p.node,
+            condition: &p.condition,
+            sop: &p.sop,
+            step,
+            action,
+            status,
+            message,
+            dry_run: false,
+        });
+    }
+
+    /// Advances one node's SOP as far as it can go now, one recorded step at a time.
+    pub async fn advance(&self, kube: &Kube, p: &NodePlan) -> Result<()> {
+        let ns = self.config.events_namespace.as_str();
+        // Bound the loop: every iteration either completes a step or returns.
+        for _ in 0..(p.step_list.len() * 3 + 6) {
+            let now = Timestamp::now();
+            let Some(node) = kube.get_node(&p.node).await? else {
+                return Ok(());
+            };
+            let current = match node_ticket(&node) {
+                Some(Ok(t)) => Some(t),
+                Some(Err(e)) => return Err(e),
+                None => None,
+            };
+            let mut ticket = match current {
+                Some(t) if t.status.is_open() && t.condition == p.condition => t,
+                prev => {
+                    // Start a new ticket (superseding a less urgent open one, if any).
+                    let mut t = Ticket::new(
+                        &p.condition,
+                        &p.reason,
+                        &p.sop,
+                        p.fingerprint.as_deref(),
+                        now,
+                        prev.as_ref(),
+                    );
+                    if let Some(old) = prev.as_ref().filter(|o| o.status.is_open()) {
+                        t.cordoned_by_healer = old.cordoned_by_healer;
+                        let msg = format!(
+                            "ticket for {} superseded by more urgent {}",
+                            old.condition, p.condition
+                        );
+                        self.audit_step(p, None, "Supersede", "Succeeded", &msg);
+                    }
+                    let Some(node) = self.write(kube, &node, &t, None).await? else {
+                        continue; // conflict: re-read
+                    };
+                    let msg = format!("{} ({}): SOP {} started", p.condition, p.reason, p.sop);
+                    self.audit_step(p, None, "Open", "Created", &msg);
+                    kube.event(ns, &node, true, "RemediationStarted", &msg)
+                        .await;
+                    continue;
+                }
+            };
+            let Some(index) = ticket.next_step(p.step_list.len()) else {
+                return self.finish(kube, &node, p, ticket, now).await;
+            };
+            let step = &p.step_list[index];
+            let running = ticket
+                .workflow(index)
+                .filter(|w| w.status == StepStatus::Running)
+                .cloned();
+            if steps::is_long_running(step) && running.is_none() {
+                ticket.status = TicketStatus::Resolving;
+                ticket.blocked = None;
+                ticket.record(
+                    index,
+                    workflow(
+                        step,
+                        StepStatus::Running,
+                        now,
+                        job_for(step, p, &ticket, index),
+                        None,
+                        None,
+                    ),
+                );
+                if let Some(node) = self.write(kube, &node, &ticket, None).await? {
+                    self.audit_step(p, Some(index), step.action(), "Running", &step.to_string());
+                    kube.event(
+                        ns,
+                        &node,
+                        false,
+                        &format!("{}Started", step.action()),
+                        &format!("{step} started"),
+                    )
+                    .await;
+                }
+                continue;
+            }
+            let started = running.as_ref().map_or(now, |w| w.at);
+            let firing = !self.condition_resolved(&p.node, &p.condition);
+            let gpu = self.gpu_of(&p.node, &p.condition);
+            let ctx = StepCtx {
+                kube,
+                node: &node,
+                node_name: &p.node,
+                ticket: &ticket,
+                index,
+                started,
+                now,
+                jobs: &self.jobs,
+                jobs_namespace: &self.config.jobs_namespace,
+                condition_firing: firing,
+                gpu: &gpu,
+            };
+            let outcome = steps::execute(step, &ctx).await?;
+            match outcome {
+                Outcome::Done { message, patch } => {
+                    let job = job_for(step, p, &ticket, index);
+                    let retries = running.as_ref().and_then(|w| w.retries);
+                    if matches!(step, Step::Cordon) && patch.is_some() {
+                        ticket.cordoned_by_healer = true;
+                    }
+                    ticket.status = if matches!(step, Step::Escalate) {
+                        TicketStatus::Escalated
+                    } else {
+                        TicketStatus::Resolving
+                    };
+                    ticket.blocked = None;
+                    ticket.record(
+                        index,
+                        workflow(
+                            step,
+                            StepStatus::Succeeded,
+                            now,
+                            job.clone(),
+                            Some(message.clone()),
+                            retries,
+                        ),
+                    );
+                    let Some(node) = self.write(kube, &node, &ticket, patch).await? else {
+                        continue; // 409: node changed since we read it; recompute the step
+                    };
+                    self.metrics
+                        .steps_total
+                        .with_label_values(&[step.action(), "Succeeded"])
+                        .inc();
+                    self.audit_step(p, Some(index), step.action(), "Succeeded", &message);
+                    let warn = matches!(step, Step::Escalate);
+                    kube.event(ns, &node, warn, step.action(), &message).await;
+                    if let Some(job) = job {
+                        steps::run_job_cleanup(kube, &self.config.jobs_namespace, &job).await;
+                    }
+                    if matches!(step, Step::Escalate) {
+                        self.metrics
+                            .sop_total
+                            .with_label_values(&[p.sop.as_str(), "escalated"])
+                            .inc();
+                        return Ok(());
+                    }
+                }
+                Outcome::Waiting { message, job } => {
+                    let prev = running.unwrap_or_else(|| {
+                        workflow(step, StepStatus::Running, now, None, None, None)
+                    });
+                    if prev.message.as_deref() != Some(message.as_str())
+                        || (job.is_some() && prev.job != job)
+                    {
+                        let mut w = prev.clone();
+                        w.message = Some(message.clone());
+                        w.retries = Some(w.retries.unwrap_or(0).saturating_add(1));
+                        if job.is_some() {
+                            w.job = job;
+                        }
+                        ticket.record(index, w);
+                        self.write(kube, &node, &ticket, None).await?;
+                        self.audit_step(p, Some(index), step.action(), "Running", &message);
+                    }
+                    return Ok(());
+                }
+                Outcome::Failed { message } => {
+                    ticket.status = TicketStatus::Escalated;
+                    let job = job_for(step, p, &ticket, index);
+                    ticket.record(
+                        index,
+                        workflow(
+                            step,
+                            StepStatus::Failed,
+                            now,
+                            job,
+                            Some(message.clone()),
+                            None,
+                        ),
+                    );
+                    let Some(node) = self.write(kube, &node, &ticket, None).await? else {
+                        continue;
+                    };
+                    self.metrics
+                        .steps_total
+                        .with_label_values(&[step.action(), "Failed"])
+                        .inc();
+                    self.metrics
+                        .sop_total
+                        .with_label_values(&[p.sop.as_str(), "escalated"])
+                        .inc();
+                    self.audit_step(p, Some(index), step.action(), "Failed", &message);
+                    kube.event(
+                        ns,
+                        &node,
+                        true,
+                        "Escalated",
+                        &format!("{step} failed: {message}; escalated to humans"),
+                    )
+                    .await;
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(
+        &self,
+        kube: &Kube,
+        node: &Node,
+        p: &NodePlan,
+        mut ticket: Ticket,
+        now: Timestamp,
+    ) -> Result<()> {
+        ticket.status = TicketStatus::Resolved;
+        ticket.closed_at = Some(now);
+        ticket.blocked = None;
+        if let Some(node) = self.write(kube, node, &ticket, None).await? {
+            let secs = (now.as_second() - ticket.created_at.as_second()).max(0) as f64;
+            self.metrics.selfheal_duration.observe(secs);
+            self.metrics
+                .sop_total
+                .with_label_values(&[p.sop.as_str(), "resolved"])
+                .inc();
+            let msg = format!("{} resolved after {secs} s", p.condition);
+            self.audit_step(p, None, "Close", "Resolved", &msg);
+            kube.event(
+                &self.config.events_namespace,
+                &node,
+                false,
+                "RemediationResolved",
+                &msg,
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Writes the ticket (and `extra`, a merge patch from a step) in one request guarded by the
+    /// resourceVersion `node` was read at. `None` = 409, the caller re-reads.
+    async fn write(
+        &self,
+        kube: &Kube,
+        node: &Node,
+        ticket: &Ticket,
+        extra: Option<Value>,
+    ) -> Result<Option<Node>> {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let mut patch = ticket_patch(&name, ticket)?;
+        if let Some(Value::Object(extra)) = extra {
+            for (k, v) in extra {
+                if k == "metadata" {
+                    continue;
+                }
+                patch[k] = v;
+            }
+        }
+        patch["metadata"]["resourceVersion"] =
+            json!(node.metadata.resource_version.clone().unwrap_or_default());
+        let api = kube.nodes();
+        let pp = PatchParams::default();
+        let pa = Patch::Merge(&patch);
+        match kube.call("patch node", || api.patch(&name, &pp, &pa)).await {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.api_status() == Some(409) => {
+                kube.metrics
+                    .kube_retries
+                    .with_label_values(&["conflict"])
+                    .inc();
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn ticket_patch(node: &str, t: &Ticket) -> Result<Value> {
+    let text = t.to_annotation(node)?;
+    Ok(json!({"metadata": {"annotations": {TICKET_ANNOTATION: text}}}))
+}
+
+fn job_for(step: &Step, p: &NodePlan, t: &Ticket, index: usize) -> Option<String> {
+    match step {
+        Step::RunJob { template, .. } => Some(steps::job_name(template, &p.node, &t.id(), index)),
+        _ => None,
+    }
+}
+
+fn workflow(
+    step: &Step,
+    status: StepStatus,
+    at: Timestamp,
+    job: Option<String>,
+    message: Option<String>,
+    retries: Option<u32>,
+) -> Workflow {
+    Workflow {
+        action: step.action().to_owned(),
+        status,
+        at,
+        step: None,
+        job,
+        message,
+        retries,
+    }
+}

@@ -1,0 +1,153 @@
+//! The healer's metrics, in an explicit registry (never the global default).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::{Error, Result};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub sop_total: IntCounterVec,
+    pub selfheal_duration: Histogram,
+    pub tickets_open: IntGauge,
+    pub condition_nodes: IntGaugeVec,
+    pub alerts_received: IntCounterVec,
+    pub actions_blocked: IntCounterVec,
+    pub webhook_requests: IntCounterVec,
+    pub queue_depth: IntGauge,
+    pub is_leader: IntGauge,
+    pub kube_retries: IntCounterVec,
+    pub steps_total: IntCounterVec,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> Result<T> {
+    r.register(Box::new(c.clone()))
+        .map_err(|source| Error::Metrics { source })?;
+    Ok(c)
+}
+
+impl Metrics {
+    pub fn register(registry: &Registry) -> Result<Self> {
+        let m = |e| Error::Metrics { source: e };
+        Ok(Metrics {
+            registry: registry.clone(),
+            sop_total: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new("ark_healer_sop_total", "SOP runs by final status."),
+                    &["sop", "status"],
+                )
+                .map_err(m)?,
+            )?,
+            selfheal_duration: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "ark_healer_selfheal_duration_seconds",
+                        "Ticket creation to resolution.",
+                    )
+                    .buckets(vec![
+                        1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
+                    ]),
+                )
+                .map_err(m)?,
+            )?,
+            tickets_open: reg(
+                registry,
+                IntGauge::new(
+                    "ark_healer_tickets_open",
+                    "Open tickets (created or resolving).",
+                )
+                .map_err(m)?,
+            )?,
+            condition_nodes: reg(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "ark_healer_condition_nodes",
+                        "Nodes whose chosen (most urgent) condition is this one.",
+                    ),
+                    &["condition"],
+                )
+                .map_err(m)?,
+            )?,
+            alerts_received: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ark_healer_alerts_received_total",
+                        "Alerts received by status.",
+                    ),
+                    &["status"],
+                )
+                .map_err(m)?,
+            )?,
+            actions_blocked: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ark_healer_actions_blocked_total",
+                        "Actions not taken, by guardrail.",
+                    ),
+                    &["reason"],
+                )
+                .map_err(m)?,
+            )?,
+            webhook_requests: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ark_healer_webhook_requests_total",
+                        "Webhook requests by HTTP code.",
+                    ),
+                    &["code"],
+                )
+                .map_err(m)?,
+            )?,
+            queue_depth: reg(
+                registry,
+                IntGauge::new("ark_healer_queue_depth", "Webhook payloads waiting.").map_err(m)?,
+            )?,
+            is_leader: reg(
+                registry,
+                IntGauge::new(
+                    "ark_healer_is_leader",
+                    "1 while this replica holds the Lease.",
+                )
+                .map_err(m)?,
+            )?,
+            kube_retries: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ark_healer_kube_retries_total",
+                        "Kubernetes requests retried, by cause.",
+                    ),
+                    &["cause"],
+                )
+                .map_err(m)?,
+            )?,
+            steps_total: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ark_healer_steps_total",
+                        "SOP steps executed, by action and status.",
+                    ),
+                    &["action", "status"],
+                )
+                .map_err(m)?,
+            )?,
+        })
+    }
+
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding our own registry into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
