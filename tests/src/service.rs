@@ -206,3 +206,67 @@ pub fn prom_duration(d: Duration) -> String {
         format!("{ms}ms")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_port_is_reported_clearly() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let err = ensure_port_free(port).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("127.0.0.1:{port} is already in use")),
+            "{err}"
+        );
+        drop(l);
+        ensure_port_free(port).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_service_that_dies_early_is_reported_with_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("svc.log");
+        let svc = Service::spawn(
+            "dying",
+            Command::new("sh").args(["-c", "echo 'bind: address already in use'; exit 3"]),
+            &log,
+        )
+        .unwrap();
+        let err = wait_for("never", Duration::from_secs(10), &[&svc], || async {
+            Ok(None::<()>)
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("dying exited"), "{err}");
+        assert!(err.contains("address already in use"), "{err}");
+        assert!(err.contains(&log.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn stop_kills_a_process_that_ignores_sigterm_and_drop_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = Service::spawn(
+            "stubborn",
+            Command::new("sh").args(["-c", "trap '' TERM; while :; do sleep 0.1; done"]),
+            &dir.path().join("s.log"),
+        )
+        .unwrap();
+        let pid = svc.pid();
+        std::thread::sleep(Duration::from_millis(200));
+        drop(svc);
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z"))
+            .unwrap_or(false);
+        assert!(!alive, "pid {pid} still alive after drop");
+    }
+
+    #[test]
+    fn durations_in_prometheus_syntax() {
+        assert_eq!(prom_duration(Duration::from_secs(1)), "1s");
+        assert_eq!(prom_duration(Duration::from_millis(100)), "100ms");
+        assert_eq!(prom_duration(Duration::from_millis(1500)), "1500ms");
+    }
+}

@@ -1,0 +1,53 @@
+//! The shell entry points fail clearly: a missing package manager, an unknown argument.
+
+use std::process::Command;
+
+fn bash(script: &str) -> std::process::Output {
+    Command::new("/bin/bash")
+        .arg("-c")
+        .arg(script)
+        .current_dir(ark_harness::repo_root())
+        .output()
+        .expect("bash runs")
+}
+
+#[test]
+fn apt_unavailable_is_a_clear_error() {
+    // With an empty PATH neither dpkg-query nor apt-get is found.
+    let out = bash(". scripts/lib.sh; PATH=/nonexistent ark_apt_install ark-no-such-package");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("apt-get is not available"), "{err}");
+    assert!(err.contains("ark-no-such-package"), "{err}");
+}
+
+#[test]
+fn installed_packages_are_not_reinstalled() {
+    // bash is always installed: nothing to do, no apt-get call, success.
+    let out = bash(". scripts/lib.sh; apt-get() { echo called; exit 9; }; ark_apt_install bash");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("called"));
+}
+
+#[test]
+fn scripts_explain_themselves_and_reject_unknown_arguments() {
+    for script in ["scripts/test", "scripts/demo"] {
+        let help = bash(&format!("{script} --help"));
+        assert!(help.status.success(), "{script} --help");
+        assert!(
+            String::from_utf8_lossy(&help.stdout).contains(script),
+            "{script} --help names itself"
+        );
+        let bad = bash(&format!("{script} --no-such-flag"));
+        assert_eq!(
+            bad.status.code(),
+            Some(2),
+            "{script} exits 2 on an unknown flag"
+        );
+        assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown argument"));
+    }
+}
