@@ -1,20 +1,33 @@
-//! Ark node exporter. The real implementation lands with the "Exporter core" issue; this
-//! placeholder only serves `/healthz` so the workspace, scripts and demo have something to run.
+//! Ark node exporter: collectors and probes produce [`event::Event`]s, one pipeline thread
+//! applies them to the causal [`graph::Graph`] and the [`rules`] engine, and publishes bounded
+//! metric snapshots that `/metrics` only encodes.
+//!
+//! Map of the crate:
+//! - [`event`]: the Ark probe protocol (JSON Lines) and its parser;
+//! - [`graph`]: the causal graph (Consumes / WaitsOn / BlockedBy);
+//! - [`rules`]: Ark rule packs, loader and incremental engine;
+//! - [`pipeline`]: the single writer that owns graph and engine, and the handles to reach it;
+//! - [`collectors`]: event sources (`probe` today; procfs, eBPF, NVML plug in the same way);
+//! - [`metrics`]: explicit registry, snapshot publishing, self-metrics;
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`, `/api/v1/why/{pid}`;
+//! - [`cli`], [`config`], [`bench`]: the binary's commands, configuration and benchmarks.
 
-use anyhow::Context;
+pub mod bench;
+pub mod cli;
+pub mod collectors;
+pub mod config;
+mod error;
+pub mod event;
+pub mod graph;
+pub mod http;
+pub mod metrics;
+pub mod pipeline;
+pub mod ratelimit;
+pub mod rules;
+
+pub use error::{Error, Result};
 
 /// Entry point used by `main.rs`.
 pub fn cli_main() -> anyhow::Result<()> {
-    let addr = std::env::args()
-        .skip_while(|a| a != "--web.listen-address")
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:9487".to_owned());
-    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    rt.block_on(async move {
-        let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" }));
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
-        axum::serve(listener, app).await.context("serving HTTP")
-    })
+    cli::main()
 }

@@ -1,4 +1,4 @@
-//! `ark-exporter` binary: parses arguments, starts telemetry, hands over to the library.
+//! `ark-exporter` binary: everything lives in the library (`ark_exporter::cli`).
 
 fn main() -> anyhow::Result<()> {
     ark_exporter::cli_main()

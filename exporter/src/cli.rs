@@ -1,0 +1,591 @@
+//! Command line: `serve` (the default when no subcommand is given), `replay`, `why`, `bench`.
+//! Flags say how the process runs; what it does comes from the config file and `ARK_*`
+//! environment (see [`crate::config`]). Logs go to stderr; stdout is for command output.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::collectors::{self, CollectorContext};
+use crate::config::{Config, ProbeSpec};
+use crate::event::{Line, LineReader, MAX_LINE_BYTES};
+use crate::http::{AppState, WhyResponse, router};
+use crate::metrics::Telemetry;
+use crate::pipeline::{self, Clock, Pipeline};
+use crate::rules::{RuleSet, load_dir};
+
+const ABOUT: &str = "Ark node exporter: turns node events (external probes speaking Ark JSON Lines, \
+and built-in collectors) into a causal graph (process Consumes/WaitsOn resource, resource \
+BlockedBy error), evaluates Ark rule packs on it, and serves Prometheus metrics.";
+
+const AFTER: &str = "Examples:
+  ark-exporter --web.listen-address 127.0.0.1:9487 --node-name n1 --probe ./inject.sh --rules rules/
+  ark-exporter replay events.jsonl --rules rules/ --format json
+  ark-exporter why 4242 --url http://127.0.0.1:9487
+  ark-exporter bench graph --events 1000000 --resources 8 --pids 1024
+
+Configuration (what the exporter does) is read from --config FILE (TOML, or YAML by extension) and
+ARK_* environment variables with `__` between sections, e.g. ARK_GRAPH__MAX_NODES=50000.
+See docs/exporter.md for every key, the probe protocol and the metrics.";
+
+/// The `ark-exporter` command line.
+#[derive(Debug, Parser)]
+#[command(name = "ark-exporter", version, about = ABOUT, after_help = AFTER)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Serve flags, used when no subcommand is given.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the exporter (the default): collectors + probes → graph → rules → /metrics.
+    Serve(ServeArgs),
+    /// Feed a recorded JSON Lines file through the pipeline and report scenes and root causes.
+    Replay(ReplayArgs),
+    /// Ask a running exporter why a process is stuck (GET /api/v1/why/<pid>).
+    Why(WhyArgs),
+    /// Benchmarks (print JSON; numbers are for a release build).
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, ValueEnum, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log filter (tracing env-filter syntax, e.g. `info`, `ark_exporter=debug`).
+    #[arg(
+        long = "log.level",
+        env = "ARK_LOG",
+        default_value = "info",
+        global = true
+    )]
+    pub log_level: String,
+    /// Log format on stderr.
+    #[arg(long = "log.format", value_enum, default_value_t, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to serve /metrics, /healthz, /readyz and /api/v1 on (`:9487` = all interfaces).
+    #[arg(
+        long = "web.listen-address",
+        default_value = ":9487",
+        value_name = "ADDR"
+    )]
+    pub listen: String,
+    /// Value of the `node` label on every series (default: env NODE_NAME, else the hostname).
+    #[arg(long = "node-name", env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// External probe to run (repeatable): an executable printing Ark events on stdout.
+    #[arg(long = "probe", value_name = "PATH")]
+    pub probes: Vec<String>,
+    /// Rules directory (with manifest.yaml); overrides `rules_dir` of the config.
+    #[arg(long = "rules", value_name = "DIR")]
+    pub rules: Option<PathBuf>,
+    /// Configuration file (TOML, or YAML by extension).
+    #[arg(long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Enable a collector that is off by default (repeatable). Known: probe.
+    #[arg(long = "collector", value_name = "NAME")]
+    pub enable: Vec<String>,
+    /// Disable a collector (repeatable).
+    #[arg(long = "no-collector", value_name = "NAME")]
+    pub disable: Vec<String>,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Output of `replay`.
+#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
+pub enum ReplayFormat {
+    /// `{"scenes": [...], "root_causes": [...], "stats": {...}}`
+    Json,
+    /// A human summary.
+    #[default]
+    Text,
+    /// The /metrics exposition the replayed events produce.
+    Metrics,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    /// JSON Lines file to replay (`-` for stdin).
+    pub file: PathBuf,
+    /// Rules directory; without it only the graph is built.
+    #[arg(long = "rules", value_name = "DIR")]
+    pub rules: Option<PathBuf>,
+    #[arg(long = "format", value_enum, default_value_t)]
+    pub format: ReplayFormat,
+    /// Configuration file (same keys as serve).
+    #[arg(long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// `node` label for `--format metrics`.
+    #[arg(long = "node-name", default_value = "replay")]
+    pub node_name: String,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Output of `why`.
+#[derive(Debug, Clone, Copy, ValueEnum, Default)]
+pub enum WhyFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WhyArgs {
+    /// Process id to explain.
+    pub pid: u32,
+    /// Base URL of the running exporter.
+    #[arg(long = "url", default_value = "http://127.0.0.1:9487")]
+    pub url: String,
+    #[arg(long = "format", value_enum, default_value_t)]
+    pub format: WhyFormat,
+}
+
+fn init_logging(log: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&log.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests) is harmless: keep the first subscriber.
+    let _ = match log.log_format {
+        LogFormat::Text => b.try_init(),
+        LogFormat::Json => b.json().try_init(),
+    };
+}
+
+/// Parses arguments and runs the command.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Serve(a)) => serve(a),
+        Some(Command::Replay(a)) => replay(a),
+        Some(Command::Why(a)) => why(a),
+        Some(Command::Bench(b)) => crate::bench::run(b),
+    }
+}
+
+/// `--node-name`, else NODE_NAME (clap), else the hostname.
+pub fn node_name(flag: Option<&str>) -> String {
+    if let Some(n) = flag.filter(|n| !n.is_empty()) {
+        return n.to_owned();
+    }
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| {
+            std::fs::read_to_string(p)
+                .ok()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// `:9487` → `0.0.0.0:9487`.
+pub fn parse_listen(addr: &str) -> anyhow::Result<SocketAddr> {
+    let full = if addr.starts_with(':') {
+        format!("0.0.0.0{addr}")
+    } else {
+        addr.to_owned()
+    };
+    full.parse()
+        .with_context(|| format!("invalid --web.listen-address {addr:?} (want HOST:PORT or :PORT)"))
+}
+
+fn load_rules(dir: &Path, strict: bool) -> anyhow::Result<RuleSet> {
+    let set =
+        load_dir(dir, strict).with_context(|| format!("loading rules from {}", dir.display()))?;
+    for (file, why) in &set.skipped {
+        tracing::warn!(file = %file.display(), reason = %why, "Rule file skipped");
+    }
+    tracing::info!(rules = set.rules.len(), skipped = set.skipped.len(), dir = %dir.display(), "Rules loaded");
+    Ok(set)
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(&args.log);
+    let mut cfg = Config::load(args.config.as_deref())?;
+    cfg.probes
+        .extend(args.probes.iter().cloned().map(ProbeSpec::Path));
+    if args.rules.is_some() {
+        cfg.rules_dir.clone_from(&args.rules);
+    }
+    let kinds = collectors::enabled(&cfg, &args.enable, &args.disable)?;
+    let addr = parse_listen(&args.listen)?;
+    let node = node_name(args.node_name.as_deref());
+    let telemetry = Telemetry::new(&node)?;
+    let rules = match &cfg.rules_dir {
+        Some(d) => Some(load_rules(d, cfg.rules.strict)?),
+        None => None,
+    };
+    let p = Pipeline::new(
+        cfg.pipeline(),
+        Clock::Wall,
+        rules.as_ref().map(|r| &r.rules[..]),
+        telemetry.dropped.clone(),
+    );
+    let running = pipeline::spawn(p, telemetry.clone()).context("starting the pipeline thread")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let result = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        for kind in &kinds {
+            let c = kind.build(&cfg)?;
+            let ctx = CollectorContext::new(*kind, &running.sender, &telemetry, stop_rx.clone());
+            tokio::spawn(c.run(ctx));
+            tracing::info!(collector = kind.name(), "Collector started");
+        }
+        let ready = Arc::new(AtomicBool::new(true));
+        let app = router(AppState {
+            telemetry: telemetry.clone(),
+            pipeline: Some(running.client.clone()),
+            ready: ready.clone(),
+        });
+        tracing::info!(%addr, node = %node, probes = cfg.probes.len(), "Listening");
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                ready.store(false, Ordering::Relaxed);
+            })
+            .await
+            .context("serving HTTP");
+        let _ = stop_tx.send(true);
+        served
+    });
+    running.client.shutdown();
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("Shutting down");
+}
+
+/// Replays a file through a pipeline (event-time clock) and returns it for reporting.
+pub fn replay_file(
+    file: &Path,
+    cfg: &Config,
+    rules: Option<&RuleSet>,
+    telemetry: &Telemetry,
+) -> anyhow::Result<Pipeline> {
+    let mut p = Pipeline::new(
+        cfg.pipeline(),
+        Clock::EventTime,
+        rules.map(|r| &r.rules[..]),
+        telemetry.dropped.clone(),
+    );
+    let input: Box<dyn std::io::Read> = if file.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?)
+    };
+    let mut reader = LineReader::new(
+        std::io::BufReader::with_capacity(256 * 1024, input),
+        MAX_LINE_BYTES,
+    );
+    while let Some(line) = reader
+        .next_line()
+        .with_context(|| format!("reading {}", file.display()))?
+    {
+        match line {
+            Line::Data(l) if l.iter().all(u8::is_ascii_whitespace) => {}
+            Line::Data(l) => p.handle_line(l, "replay"),
+            Line::Oversized => {
+                p.handle_parse_error(&crate::event::ParseError::Oversized, "replay");
+            }
+        }
+    }
+    Ok(p)
+}
+
+fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    init_logging(&args.log);
+    let cfg = Config::load(args.config.as_deref())?;
+    let rules_dir = args.rules.clone().or_else(|| cfg.rules_dir.clone());
+    let rules = match &rules_dir {
+        Some(d) => Some(load_rules(d, cfg.rules.strict)?),
+        None => None,
+    };
+    let telemetry = Telemetry::new(&args.node_name)?;
+    let mut p = replay_file(&args.file, &cfg, rules.as_ref(), &telemetry)?;
+    let report = p.report();
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        ReplayFormat::Json => {
+            serde_json::to_writer_pretty(&mut out, &report)?;
+            writeln!(out)?;
+        }
+        ReplayFormat::Metrics => {
+            p.publish(&telemetry);
+            out.write_all(telemetry.encode().as_bytes())?;
+        }
+        ReplayFormat::Text => {
+            let s = &report.stats;
+            writeln!(
+                out,
+                "{} lines, {} events applied, dropped: {:?}",
+                s.lines, s.accepted, s.dropped
+            )?;
+            writeln!(out, "Scenes ({}):", report.scenes.len())?;
+            for sc in &report.scenes {
+                writeln!(
+                    out,
+                    "  [{}] {} ({}) entities: {}",
+                    sc.severity,
+                    sc.scene,
+                    sc.rule_id,
+                    sc.entities.join(", ")
+                )?;
+                for a in &sc.actions {
+                    writeln!(out, "      - {a}")?;
+                }
+            }
+            writeln!(out, "Root causes ({}):", report.root_causes.len())?;
+            for rc in &report.root_causes {
+                writeln!(
+                    out,
+                    "  pid {} job {}: {} on {}",
+                    rc.pid,
+                    rc.job.as_deref().unwrap_or("-"),
+                    rc.cause,
+                    rc.resource
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Minimal HTTP/1.1 GET over a plain TCP socket (the exporter's API is loopback/cluster-local).
+fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::Read;
+    let hostport = base
+        .strip_prefix("http://")
+        .unwrap_or(base)
+        .trim_end_matches('/');
+    if base.starts_with("https://") {
+        bail!("https is not supported by `why`; use http://HOST:PORT");
+    }
+    let addr = if hostport.starts_with(':') {
+        format!("127.0.0.1{hostport}")
+    } else {
+        hostport.to_owned()
+    };
+    let timeout = std::time::Duration::from_secs(10);
+    let sock = std::net::ToSocketAddrs::to_socket_addrs(&addr)
+        .with_context(|| format!("resolving {addr}"))?
+        .next()
+        .with_context(|| format!("no address for {addr}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.take(16 * 1024 * 1024).read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("malformed HTTP status line")?;
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && l.to_ascii_lowercase().contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn why(args: WhyArgs) -> anyhow::Result<()> {
+    let (status, body) = http_get(&args.url, &format!("/api/v1/why/{}", args.pid))?;
+    let mut out = std::io::stdout().lock();
+    if status == 404 {
+        bail!(
+            "pid {} is not in the causal graph of {}",
+            args.pid,
+            args.url
+        );
+    }
+    if status != 200 {
+        bail!("{} answered {status}: {}", args.url, body.trim());
+    }
+    match args.format {
+        WhyFormat::Json => writeln!(out, "{}", body.trim())?,
+        WhyFormat::Text => {
+            let w: WhyResponse = serde_json::from_str(&body).context("decoding the answer")?;
+            write!(out, "{}", render_why(&w))?;
+        }
+    }
+    Ok(())
+}
+
+/// Human rendering of a `why` answer.
+pub fn render_why(w: &WhyResponse) -> String {
+    let mut s = String::new();
+    if w.root_causes.is_empty() {
+        s.push_str(&format!(
+            "pid {}: nothing blocks it (no error reachable, no WaitsOn edge)\n",
+            w.pid
+        ));
+        return s;
+    }
+    let first = &w.root_causes[0];
+    s.push_str(&format!(
+        "pid {} (job {}, pod {}/{}):\n",
+        w.pid,
+        first.job.as_deref().unwrap_or("-"),
+        first.namespace.as_deref().unwrap_or("-"),
+        first.pod.as_deref().unwrap_or("-"),
+    ));
+    for rc in &w.root_causes {
+        s.push_str(&format!(
+            "  root cause: {} on {}{}\n    chain: ",
+            rc.cause,
+            rc.resource,
+            rc.detail
+                .as_deref()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default()
+        ));
+        for (i, h) in rc.chain.iter().enumerate() {
+            if i == 0 {
+                s.push_str(&h.from);
+            }
+            s.push_str(&format!(" --{}--> {}", h.edge.as_str(), h.to));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent_and_defaults_to_serve() {
+        Cli::command().debug_assert();
+        let c = Cli::try_parse_from([
+            "ark-exporter",
+            "--web.listen-address",
+            "127.0.0.1:1",
+            "--node-name",
+            "n1",
+            "--probe",
+            "./a.sh",
+            "--probe",
+            "./b.sh",
+            "--rules",
+            "rules/",
+        ])
+        .unwrap();
+        assert!(c.command.is_none());
+        assert_eq!(c.serve.probes, ["./a.sh", "./b.sh"]);
+        assert_eq!(c.serve.listen, "127.0.0.1:1");
+        let c = Cli::try_parse_from([
+            "ark-exporter",
+            "replay",
+            "f.jsonl",
+            "--rules",
+            "r",
+            "--format",
+            "json",
+        ])
+        .unwrap();
+        assert!(matches!(
+            c.command,
+            Some(Command::Replay(ReplayArgs {
+                format: ReplayFormat::Json,
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(parse_listen(":9487").unwrap().to_string(), "0.0.0.0:9487");
+        assert_eq!(
+            parse_listen("127.0.0.1:1").unwrap().to_string(),
+            "127.0.0.1:1"
+        );
+        assert!(parse_listen("nope").is_err());
+    }
+
+    #[test]
+    fn dechunks() {
+        assert_eq!(dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
+    }
+}

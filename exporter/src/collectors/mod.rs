@@ -1,0 +1,161 @@
+//! Collectors: everything that produces events or metrics for the exporter.
+//!
+//! # Adding a collector (procfs, eBPF, NVML, ...)
+//! One file plus one match arm:
+//! 1. `collectors/<name>.rs` with a type implementing [`Collector`]; its `run` gets a
+//!    [`CollectorContext`] and loops until `ctx.shutdown` flips to `true`.
+//! 2. A variant in [`CollectorKind`] with its name, default on/off state and the arm in
+//!    [`CollectorKind::build`] that constructs it from the [`Config`].
+//!
+//! What a collector may do with its context:
+//! - send [`Event`](crate::event::Event)s into the pipeline with `ctx.events.send(ev)` (never
+//!   blocks; a full queue drops and counts). Tag them with `ctx.events.with_source("nvml")`
+//!   (the `source` label of `ark_events_total`) — `CollectorContext::new` already does that;
+//! - publish whole metric families with `ctx.telemetry.snapshots.publish("<name>", families)`
+//!   after each poll (build them with [`crate::metrics::family`]); a scrape only encodes what
+//!   was last published and never waits on hardware;
+//! - or register its own counters in `ctx.telemetry.registry` (an explicit registry; the `node`
+//!   label is added to every series automatically);
+//! - report health with `ctx.status.set_up(..)` and `ctx.status.set_duration(..)`
+//!   (`ark_collector_up{collector}` / `ark_collector_duration_seconds{collector}`).
+//!
+//! Enabling: each kind has a default; the config's `[collectors]` table (`probe = false`) and the
+//! `--collector NAME` / `--no-collector NAME` flags override it, flags last.
+
+pub mod probe;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::config::Config;
+use crate::metrics::{CollectorStatus, Telemetry};
+use crate::pipeline::EventSender;
+
+/// What [`Collector::run`] returns.
+pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// The collectors this build knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CollectorKind {
+    /// External probes (`--probe PATH`) speaking the Ark JSON Lines protocol.
+    Probe,
+}
+
+impl CollectorKind {
+    pub const ALL: &'static [CollectorKind] = &[CollectorKind::Probe];
+
+    /// The `collector` label and the flag/config name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CollectorKind::Probe => "probe",
+        }
+    }
+
+    /// On unless disabled?
+    pub fn default_enabled(self) -> bool {
+        match self {
+            CollectorKind::Probe => true,
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<CollectorKind> {
+        Self::ALL.iter().copied().find(|k| k.name() == name)
+    }
+
+    /// Builds the collector from the configuration. The one match arm per collector.
+    pub fn build(self, cfg: &Config) -> crate::Result<Box<dyn Collector>> {
+        Ok(match self {
+            CollectorKind::Probe => Box::new(probe::ProbeCollector::new(cfg)),
+        })
+    }
+}
+
+/// A running source of events and/or metrics.
+pub trait Collector: Send {
+    /// Runs until `ctx.shutdown` becomes `true`. Must never block the async runtime: do blocking
+    /// I/O with `tokio::task::spawn_blocking` or on its own thread.
+    fn run(self: Box<Self>, ctx: CollectorContext) -> BoxFuture;
+}
+
+/// Everything a collector gets.
+#[derive(Clone)]
+pub struct CollectorContext {
+    pub events: EventSender,
+    pub telemetry: Telemetry,
+    pub status: CollectorStatus,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl CollectorContext {
+    /// Context for `kind`: events tagged `source=<name>`, status series created.
+    pub fn new(
+        kind: CollectorKind,
+        events: &EventSender,
+        telemetry: &Telemetry,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        CollectorContext {
+            events: events.with_source(kind.name()),
+            telemetry: telemetry.clone(),
+            status: telemetry.collector(kind.name()),
+            shutdown,
+        }
+    }
+}
+
+/// Which collectors run: defaults, then the config table, then the flags.
+pub fn enabled(
+    cfg: &Config,
+    enable: &[String],
+    disable: &[String],
+) -> crate::Result<Vec<CollectorKind>> {
+    for name in cfg.collectors.keys().chain(enable).chain(disable) {
+        if CollectorKind::parse(name).is_none() {
+            let known: Vec<_> = CollectorKind::ALL.iter().map(|k| k.name()).collect();
+            return Err(crate::Error::Config {
+                detail: format!("unknown collector {name:?} (known: {})", known.join(", ")),
+            });
+        }
+    }
+    Ok(CollectorKind::ALL
+        .iter()
+        .copied()
+        .filter(|k| {
+            let mut on = cfg
+                .collectors
+                .get(k.name())
+                .copied()
+                .unwrap_or(k.default_enabled());
+            if enable.iter().any(|n| n == k.name()) {
+                on = true;
+            }
+            if disable.iter().any(|n| n == k.name()) {
+                on = false;
+            }
+            on
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enable_disable_order() {
+        let mut cfg = Config::default();
+        assert_eq!(enabled(&cfg, &[], &[]).unwrap(), [CollectorKind::Probe]);
+        cfg.collectors.insert("probe".into(), false);
+        assert!(enabled(&cfg, &[], &[]).unwrap().is_empty());
+        assert_eq!(
+            enabled(&cfg, &["probe".into()], &[]).unwrap(),
+            [CollectorKind::Probe]
+        );
+        assert!(
+            enabled(&cfg, &["probe".into()], &["probe".into()])
+                .unwrap()
+                .is_empty()
+        );
+        assert!(enabled(&cfg, &["nope".into()], &[]).is_err());
+    }
+}

@@ -1,0 +1,629 @@
+//! The pipeline: the single writer of the causal graph and the rule engine.
+//!
+//! [`Pipeline`] is plain data + methods (used directly by `replay`, tests and benches). In
+//! `serve` mode [`spawn`] moves it onto its own OS thread, fed by a bounded channel: sources hold
+//! an [`EventSender`] (never blocks: a full queue drops and counts `queue_full`), the HTTP layer
+//! holds a [`PipelineClient`] for `why` queries. The thread publishes a metrics snapshot at most
+//! every `publish_interval` while events flow, and ticks the rule engine every `tick_interval`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus::proto::{MetricFamily, MetricType};
+use serde::Serialize;
+
+use crate::event::{Event, EventType, ParseError, parse_line};
+use crate::graph::{Change, EdgeKind, Graph, GraphLimits, NodeKind, RootCause};
+use crate::metrics::{DropCounters, Telemetry, family};
+use crate::ratelimit::LogLimiter;
+use crate::rules::{Engine, EngineConfig, LoadedRule, SceneMatch};
+
+/// How the pipeline judges timestamps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clock {
+    /// Live: compare with the wall clock.
+    Wall,
+    /// Replay: compare with the newest event time seen so far.
+    EventTime,
+}
+
+/// Pipeline knobs (the `[pipeline]`, `[graph]` and `[rules]` sections of the config).
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub graph: GraphLimits,
+    pub engine: EngineConfig,
+    /// Events further ahead than this are dropped (`timestamp_future`).
+    pub max_future_ms: i64,
+    /// Replay only: largest forward jump of event time accepted.
+    pub replay_max_gap_ms: i64,
+    /// Events older than this (relative to the clock) are dropped (`timestamp_past`).
+    pub max_past_ms: i64,
+    /// Most causal series (`ark_waits_on` + `ark_blocked_by` + `ark_root_cause` +
+    /// `ark_scene_active`) exported.
+    pub series_budget: usize,
+    /// Most nodes visited per export when resolving root causes.
+    pub walk_budget: usize,
+    pub queue_capacity: usize,
+    pub publish_interval: Duration,
+    pub tick_interval: Duration,
+    pub log_interval: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            graph: GraphLimits::default(),
+            engine: EngineConfig::default(),
+            max_future_ms: 5 * 60_000,
+            replay_max_gap_ms: 24 * 3_600_000,
+            max_past_ms: 3_600_000,
+            series_budget: 2000,
+            walk_budget: 200_000,
+            queue_capacity: 65_536,
+            publish_interval: Duration::from_millis(25),
+            tick_interval: Duration::from_secs(1),
+            log_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// What `replay` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayReport {
+    pub scenes: Vec<SceneMatch>,
+    pub root_causes: Vec<RootCause>,
+    pub stats: ReplayStats,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplayStats {
+    pub lines: u64,
+    pub accepted: u64,
+    pub dropped: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// The single writer. See the module docs.
+pub struct Pipeline {
+    cfg: PipelineConfig,
+    clock: Clock,
+    graph: Graph,
+    engine: Option<Engine>,
+    changes: Vec<Change>,
+    counts: Vec<(&'static str, [u64; EventType::COUNT])>,
+    dropped: DropCounters,
+    limiters: Vec<(&'static str, LogLimiter)>,
+    rules_rejected: usize,
+    /// Set when something changed since the last snapshot.
+    dirty: bool,
+    stats: ReplayStats,
+}
+
+impl Pipeline {
+    /// A pipeline with optional rules (`None`: graph only).
+    pub fn new(
+        cfg: PipelineConfig,
+        clock: Clock,
+        rules: Option<&[LoadedRule]>,
+        dropped: DropCounters,
+    ) -> Self {
+        let mut graph = Graph::new(cfg.graph.clone());
+        let mut rules_rejected = 0;
+        let engine = rules.map(|r| {
+            let (engine, rejected) = Engine::new(r, cfg.engine.clone());
+            for (id, why) in &rejected {
+                tracing::warn!(rule = %id, reason = %why, "Rule skipped: it does not compile");
+            }
+            rules_rejected = rejected.len();
+            engine
+        });
+        graph.track_changes(engine.is_some());
+        Pipeline {
+            cfg,
+            clock,
+            graph,
+            engine,
+            changes: Vec::new(),
+            counts: Vec::new(),
+            dropped,
+            limiters: Vec::new(),
+            rules_rejected,
+            dirty: true,
+            stats: ReplayStats::default(),
+        }
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    pub fn engine(&self) -> Option<&Engine> {
+        self.engine.as_ref()
+    }
+
+    fn log_drop(&mut self, reason: &'static str, source: &str, detail: &dyn std::fmt::Display) {
+        let interval = self.cfg.log_interval;
+        let idx = match self.limiters.iter().position(|(r, _)| *r == reason) {
+            Some(i) => i,
+            None => {
+                self.limiters.push((reason, LogLimiter::new(interval)));
+                self.limiters.len() - 1
+            }
+        };
+        if let Some(suppressed) = self.limiters[idx].1.allow(Instant::now()) {
+            tracing::warn!(source, reason, suppressed, detail = %detail, "Event dropped");
+        }
+    }
+
+    fn drop_event(&mut self, reason: &'static str, source: &str, detail: &dyn std::fmt::Display) {
+        self.dropped.inc(reason);
+        *self.stats.dropped.entry(reason).or_default() += 1;
+        self.log_drop(reason, source, detail);
+    }
+
+    /// Parses and applies one protocol line (replay path; probes parse on their own task).
+    pub fn handle_line(&mut self, line: &[u8], source: &'static str) {
+        self.stats.lines += 1;
+        match parse_line(line) {
+            Ok(ev) => self.handle_event(&ev, source),
+            Err(e) => self.handle_parse_error(&e, source),
+        }
+    }
+
+    /// Counts a line a source could not parse.
+    pub fn handle_parse_error(&mut self, e: &ParseError, source: &'static str) {
+        self.drop_event(e.reason(), source, e);
+    }
+
+    /// Validates the timestamp, then applies the event to the graph and the rules.
+    pub fn handle_event(&mut self, ev: &Event, source: &'static str) {
+        let now = match self.clock {
+            Clock::Wall => wall_ms(),
+            Clock::EventTime => self.graph.now(),
+        };
+        let future = match self.clock {
+            Clock::Wall => self.cfg.max_future_ms,
+            Clock::EventTime => self.cfg.replay_max_gap_ms,
+        };
+        if now != i64::MIN {
+            if ev.ts > now.saturating_add(future) {
+                let d = format!("ts {} is {} ms ahead", ev.ts, ev.ts - now);
+                return self.drop_event("timestamp_future", source, &d);
+            }
+            if ev.ts < now.saturating_sub(self.cfg.max_past_ms) {
+                let d = format!("ts {} is {} ms behind", ev.ts, now - ev.ts);
+                return self.drop_event("timestamp_past", source, &d);
+            }
+        }
+        self.apply(ev, source);
+    }
+
+    /// Applies an already validated event (benches call this directly).
+    pub fn apply(&mut self, ev: &Event, source: &'static str) {
+        self.stats.accepted += 1;
+        let counts = match self.counts.iter().position(|(s, _)| *s == source) {
+            Some(i) => &mut self.counts[i].1,
+            None => {
+                self.counts.push((source, [0; EventType::COUNT]));
+                &mut self.counts.last_mut().expect("just pushed").1
+            }
+        };
+        counts[ev.event_type as usize] += 1;
+        self.graph.ingest(ev);
+        if let Some(engine) = self.engine.as_mut() {
+            self.changes.clear();
+            self.changes.extend(self.graph.drain_changes());
+            engine.on_event(ev, &self.graph, &self.changes);
+        }
+        self.dirty = true;
+    }
+
+    /// Advances time (wall clock in serve mode) and re-evaluates time-dependent rules.
+    pub fn tick(&mut self, now: Option<i64>) {
+        let now = now.unwrap_or_else(|| match self.clock {
+            Clock::Wall => wall_ms(),
+            Clock::EventTime => self.graph.now(),
+        });
+        self.graph.advance(now);
+        if let Some(engine) = self.engine.as_mut() {
+            self.changes.clear();
+            self.changes.extend(self.graph.drain_changes());
+            // Expiry changes go through the same path as event changes.
+            engine.on_changes(&self.graph, &self.changes);
+            engine.tick(self.graph.now());
+        }
+        self.dirty = true;
+    }
+
+    /// Root causes of one process (`None`: unknown pid).
+    pub fn why(&self, pid: u32) -> Option<Vec<RootCause>> {
+        self.graph.why(pid)
+    }
+
+    /// Everything `replay` prints, evaluated at the newest event time.
+    pub fn report(&mut self) -> ReplayReport {
+        self.tick(None);
+        let mut pids: Vec<u32> = self.graph.pids().collect();
+        pids.sort_unstable();
+        let root_causes = pids
+            .into_iter()
+            .filter_map(|p| self.graph.why(p))
+            .flatten()
+            .take(self.cfg.series_budget)
+            .collect();
+        ReplayReport {
+            scenes: self
+                .engine
+                .as_ref()
+                .map(Engine::matches)
+                .unwrap_or_default(),
+            root_causes,
+            stats: self.stats.clone(),
+        }
+    }
+
+    /// Builds the pipeline's metric families (bounded by `series_budget`).
+    pub fn families(&self) -> Vec<MetricFamily> {
+        let mut fams = Vec::new();
+        let g = &self.graph;
+        fams.push(family(
+            "ark_graph_nodes",
+            "Live nodes in the causal graph, by kind.",
+            MetricType::GAUGE,
+            NodeKind::ALL.map(|k| {
+                (
+                    vec![("kind", k.as_str().to_owned())],
+                    g.node_count(k) as f64,
+                )
+            }),
+        ));
+        fams.push(family(
+            "ark_graph_edges",
+            "Live edges in the causal graph, by kind.",
+            MetricType::GAUGE,
+            EdgeKind::ALL.map(|k| {
+                (
+                    vec![("kind", k.as_str().to_owned())],
+                    g.edge_count(k) as f64,
+                )
+            }),
+        ));
+        let ev = g.evictions();
+        fams.push(family(
+            "ark_graph_evictions_total",
+            "Graph entries removed, by what (node|edge) and why (ttl|cap).",
+            MetricType::COUNTER,
+            [
+                ("node", "cap", ev.nodes_cap),
+                ("node", "ttl", ev.nodes_ttl),
+                ("edge", "cap", ev.edges_cap),
+                ("edge", "ttl", ev.edges_ttl),
+            ]
+            .map(|(w, r, v)| {
+                (
+                    vec![("what", w.to_owned()), ("reason", r.to_owned())],
+                    v as f64,
+                )
+            }),
+        ));
+        let mut rows = Vec::new();
+        for (source, counts) in &self.counts {
+            for t in EventType::ALL {
+                if counts[t as usize] > 0 {
+                    rows.push((
+                        vec![
+                            ("event_type", t.as_str().to_owned()),
+                            ("source", (*source).to_owned()),
+                        ],
+                        counts[t as usize] as f64,
+                    ));
+                }
+            }
+        }
+        fams.push(family(
+            "ark_events_total",
+            "Events applied to the causal graph, by type and source.",
+            MetricType::COUNTER,
+            rows,
+        ));
+
+        let mut budget = self.cfg.series_budget;
+        let mut scene_cut = 0u64;
+        if let Some(engine) = &self.engine {
+            let scenes = engine.active_scenes();
+            let total = scenes.len();
+            let keep: Vec<_> = scenes.into_iter().take(budget).collect();
+            scene_cut = (total - keep.len()) as u64;
+            budget -= keep.len();
+            fams.push(family(
+                "ark_scene_active",
+                "1 while a rule's scene holds (per entity for joined rules).",
+                MetricType::GAUGE,
+                keep.into_iter().map(|s| {
+                    (
+                        vec![
+                            ("scene", s.scene),
+                            ("entity", s.entity),
+                            ("job", s.job),
+                            ("severity", s.severity),
+                        ],
+                        1.0,
+                    )
+                }),
+            ));
+            fams.push(family(
+                "ark_rules_loaded",
+                "Rules compiled into the engine (rejected: failed to compile).",
+                MetricType::GAUGE,
+                [
+                    (
+                        vec![("state", "loaded".to_owned())],
+                        engine.rules().len() as f64,
+                    ),
+                    (
+                        vec![("state", "rejected".to_owned())],
+                        self.rules_rejected as f64,
+                    ),
+                ],
+            ));
+        }
+        let x = g.export(budget, self.cfg.walk_budget);
+        fams.push(family(
+            "ark_waits_on",
+            "1 while a process waits on a resource (WaitsOn edge alive).",
+            MetricType::GAUGE,
+            x.waits_on.into_iter().map(|[pid, job, pod, ns, res]| {
+                (
+                    vec![
+                        ("pid", pid),
+                        ("job", job),
+                        ("pod", pod),
+                        ("namespace", ns),
+                        ("resource", res),
+                    ],
+                    1.0,
+                )
+            }),
+        ));
+        fams.push(family(
+            "ark_blocked_by",
+            "1 while a resource (or process) has an error (BlockedBy edge alive).",
+            MetricType::GAUGE,
+            x.blocked_by
+                .into_iter()
+                .map(|[res, err]| (vec![("resource", res), ("error", err)], 1.0)),
+        ));
+        fams.push(family(
+            "ark_root_cause",
+            "1 per (job, resource, cause) a workload is blocked by, resolved transitively.",
+            MetricType::GAUGE,
+            x.root_cause.into_iter().map(|[job, pod, ns, res, cause]| {
+                (
+                    vec![
+                        ("job", job),
+                        ("pod", pod),
+                        ("namespace", ns),
+                        ("resource", res),
+                        ("cause", cause),
+                    ],
+                    1.0,
+                )
+            }),
+        ));
+        fams.push(family(
+            "ark_causal_series_truncated",
+            "Causal series left out of the last snapshot by the series budget, per family.",
+            MetricType::GAUGE,
+            [
+                ("ark_waits_on", x.cut[0]),
+                ("ark_blocked_by", x.cut[1]),
+                ("ark_root_cause", x.cut[2]),
+                ("ark_scene_active", scene_cut),
+            ]
+            .map(|(f, v)| (vec![("family", f.to_owned())], v as f64)),
+        ));
+        fams
+    }
+
+    /// Publishes the snapshot if anything changed.
+    pub fn publish(&mut self, telemetry: &Telemetry) {
+        if self.dirty {
+            telemetry.snapshots.publish("pipeline", self.families());
+            self.dirty = false;
+        }
+    }
+}
+
+/// Messages to the pipeline thread.
+pub enum Msg {
+    Event(Box<Event>, &'static str),
+    Why(u32, tokio::sync::oneshot::Sender<Option<Vec<RootCause>>>),
+    Scenes(tokio::sync::oneshot::Sender<Vec<crate::rules::ActiveScene>>),
+    Shutdown,
+}
+
+/// Handle for event sources. Cloning is cheap. Never blocks.
+#[derive(Clone)]
+pub struct EventSender {
+    tx: SyncSender<Msg>,
+    dropped: DropCounters,
+    source: &'static str,
+}
+
+impl EventSender {
+    /// The same channel, tagged with another `source` label.
+    pub fn with_source(&self, source: &'static str) -> EventSender {
+        EventSender {
+            source,
+            ..self.clone()
+        }
+    }
+
+    pub fn source(&self) -> &'static str {
+        self.source
+    }
+
+    /// Queues an event; `false` when it was dropped (queue full or pipeline gone), which is
+    /// counted in `ark_events_dropped_total`.
+    pub fn send(&self, ev: Event) -> bool {
+        match self.tx.try_send(Msg::Event(Box::new(ev), self.source)) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.dropped.inc("queue_full");
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.dropped.inc("pipeline_closed");
+                false
+            }
+        }
+    }
+
+    /// Counts a line a source could not parse (`ark_events_dropped_total{reason}`).
+    pub fn count_bad_line(&self, e: &ParseError) {
+        self.dropped.inc(e.reason());
+    }
+}
+
+/// Handle for queries (HTTP).
+#[derive(Clone)]
+pub struct PipelineClient {
+    tx: SyncSender<Msg>,
+    running: Arc<AtomicBool>,
+}
+
+/// Why a query got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("pipeline busy")]
+    Busy,
+    #[error("pipeline stopped")]
+    Stopped,
+}
+
+impl PipelineClient {
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    pub async fn why(&self, pid: u32) -> Result<Option<Vec<RootCause>>, QueryError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.ask(Msg::Why(pid, tx), rx).await
+    }
+
+    pub async fn scenes(&self) -> Result<Vec<crate::rules::ActiveScene>, QueryError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.ask(Msg::Scenes(tx), rx).await
+    }
+
+    async fn ask<T>(
+        &self,
+        msg: Msg,
+        rx: tokio::sync::oneshot::Receiver<T>,
+    ) -> Result<T, QueryError> {
+        match self.tx.try_send(msg) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(QueryError::Busy),
+            Err(TrySendError::Disconnected(_)) => return Err(QueryError::Stopped),
+        }
+        match tokio::time::timeout(Duration::from_secs(5), rx).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(QueryError::Stopped),
+            Err(_) => Err(QueryError::Busy),
+        }
+    }
+
+    /// Asks the thread to stop (best effort).
+    pub fn shutdown(&self) {
+        let _ = self.tx.try_send(Msg::Shutdown);
+    }
+}
+
+/// A running pipeline thread.
+pub struct Running {
+    pub sender: EventSender,
+    pub client: PipelineClient,
+    pub thread: std::thread::JoinHandle<()>,
+}
+
+/// Moves the pipeline onto its own thread.
+pub fn spawn(mut p: Pipeline, telemetry: Telemetry) -> std::io::Result<Running> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(p.cfg.queue_capacity.max(16));
+    let running = Arc::new(AtomicBool::new(true));
+    let flag = running.clone();
+    let dropped = telemetry.dropped.clone();
+    p.publish(&telemetry);
+    let thread = std::thread::Builder::new()
+        .name("ark-pipeline".to_owned())
+        .spawn(move || {
+            run(&mut p, &rx, &telemetry);
+            flag.store(false, Ordering::Relaxed);
+        })?;
+    Ok(Running {
+        sender: EventSender {
+            tx: tx.clone(),
+            dropped,
+            source: "probe",
+        },
+        client: PipelineClient { tx, running },
+        thread,
+    })
+}
+
+fn run(p: &mut Pipeline, rx: &Receiver<Msg>, telemetry: &Telemetry) {
+    let mut next_tick = Instant::now() + p.cfg.tick_interval;
+    let mut last_publish = Instant::now();
+    loop {
+        let now = Instant::now();
+        let mut deadline = next_tick;
+        if p.dirty {
+            deadline = deadline.min(last_publish + p.cfg.publish_interval);
+        }
+        let msg = match rx.recv_timeout(deadline.saturating_duration_since(now)) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut next = msg;
+        // Drain what is queued, but come up for air to publish and tick.
+        let mut budget = 4096;
+        while let Some(m) = next.take() {
+            match m {
+                Msg::Event(ev, source) => p.handle_event(&ev, source),
+                Msg::Why(pid, reply) => {
+                    let _ = reply.send(p.why(pid));
+                }
+                Msg::Scenes(reply) => {
+                    let scenes = p.engine().map(|e| e.active_scenes()).unwrap_or_default();
+                    let _ = reply.send(scenes);
+                }
+                Msg::Shutdown => return,
+            }
+            budget -= 1;
+            if budget > 0 {
+                next = rx.try_recv().ok();
+            }
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            p.tick(None);
+            next_tick = now + p.cfg.tick_interval;
+        }
+        if p.dirty && now >= last_publish + p.cfg.publish_interval {
+            let t0 = Instant::now();
+            p.publish(telemetry);
+            last_publish = now;
+            let took = t0.elapsed();
+            if took > Duration::from_millis(100) {
+                tracing::debug!(ms = took.as_millis() as u64, "Slow snapshot");
+            }
+        }
+    }
+}
