@@ -22,6 +22,7 @@
 //! Enabling: each kind has a default; the config's `[collectors]` table (`probe = false`) and the
 //! `--collector NAME` / `--no-collector NAME` flags override it, flags last.
 
+pub mod ebpf;
 pub mod probe;
 
 use std::future::Future;
@@ -39,15 +40,18 @@ pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 pub enum CollectorKind {
     /// External probes (`--probe PATH`) speaking the Ark JSON Lines protocol.
     Probe,
+    /// Kernel programs: TCP retransmits, block I/O latency, exits, OOM kills.
+    Ebpf,
 }
 
 impl CollectorKind {
-    pub const ALL: &'static [CollectorKind] = &[CollectorKind::Probe];
+    pub const ALL: &'static [CollectorKind] = &[CollectorKind::Probe, CollectorKind::Ebpf];
 
     /// The `collector` label and the flag/config name.
     pub fn name(self) -> &'static str {
         match self {
             CollectorKind::Probe => "probe",
+            CollectorKind::Ebpf => "ebpf",
         }
     }
 
@@ -55,6 +59,7 @@ impl CollectorKind {
     pub fn default_enabled(self) -> bool {
         match self {
             CollectorKind::Probe => true,
+            CollectorKind::Ebpf => true,
         }
     }
 
@@ -66,6 +71,7 @@ impl CollectorKind {
     pub fn build(self, cfg: &Config) -> crate::Result<Box<dyn Collector>> {
         Ok(match self {
             CollectorKind::Probe => Box::new(probe::ProbeCollector::new(cfg)),
+            CollectorKind::Ebpf => Box::new(ebpf::EbpfCollector::new(cfg)),
         })
     }
 }
@@ -144,8 +150,12 @@ mod tests {
     #[test]
     fn enable_disable_order() {
         let mut cfg = Config::default();
-        assert_eq!(enabled(&cfg, &[], &[]).unwrap(), [CollectorKind::Probe]);
+        assert_eq!(
+            enabled(&cfg, &[], &[]).unwrap(),
+            [CollectorKind::Probe, CollectorKind::Ebpf]
+        );
         cfg.collectors.insert("probe".into(), false);
+        cfg.collectors.insert("ebpf".into(), false);
         assert!(enabled(&cfg, &[], &[]).unwrap().is_empty());
         assert_eq!(
             enabled(&cfg, &["probe".into()], &[]).unwrap(),
