@@ -1208,3 +1208,120 @@ fn metric_name_check_reports_an_unknown_name() {
     assert!(problems[0].contains("`ark_gpu_upp` is neither in alerts/metric-names.txt"));
     assert!(problems[1].contains("`node:ark_gpu_up:sum` looks like a recording rule"));
 }
+
+// ------------------------------------------------------------------------------------------------
+// dashboards against a real Prometheus scraping a fault replay
+
+/// Dashboards whose queries the replay scenario can feed. `healer.json` needs a running healer
+/// (and a Kubernetes API): its queries are only parsed, by the test above.
+const REPLAYED_DASHBOARDS: &[&str] = &["gpu-fleet.json", "node.json", "causal.json"];
+
+/// Runs `ark-exporter replay` on `dashboards/tests/fault-replay.jsonl`, serves the `/metrics`
+/// it produces to a real Prometheus that loads `alerts/*.rules.yml`, and runs every query of the
+/// exporter-fed dashboards: each must succeed, and return data unless its panel carries
+/// `arkExpectEmpty: true` (dashboards/README.md).
+#[tokio::test]
+async fn dashboards_return_data_for_a_fault_replay() -> Result<()> {
+    if ark_harness::skip_without_services("dashboards_return_data_for_a_fault_replay") {
+        return Ok(());
+    }
+    let replay = root().join("dashboards/tests/fault-replay.jsonl");
+    let mut cmd = Command::new(ark_harness::bin_path("ark-exporter"));
+    cmd.arg("replay")
+        .arg(&replay)
+        .args(["--format", "metrics", "--node-name", "gpu-node-1"]);
+    // Scenes need the rule packs; use them once the repository has them.
+    if root().join("rules/manifest.yaml").exists() {
+        cmd.arg("--rules").arg(root().join("rules"));
+    }
+    let out = cmd.output()?;
+    ensure!(
+        out.status.success(),
+        "ark-exporter replay failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body = String::from_utf8(out.stdout)?;
+    ensure!(
+        body.contains("ark_root_cause{"),
+        "the replay produced no root cause; the scenario is meant to:\n{body}"
+    );
+
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let body = body.clone();
+            async move { body }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let prom = ark_harness::Prometheus::start(ark_harness::PromConfig {
+        scrape_interval: std::time::Duration::from_millis(100),
+        evaluation_interval: std::time::Duration::from_millis(100),
+        targets: vec![("ark-exporter".into(), addr.to_string())],
+        rule_files: rule_files()?,
+        ..ark_harness::PromConfig::default()
+    })
+    .await?;
+    // rate() over the substituted $__rate_interval needs two samples, and the rules one
+    // evaluation (the replayed root causes make WorkloadStalled pending at once): wait for both.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let rated = prom.query("rate(ark_events_total[1m])").await?;
+        let recorded = prom.query("ALERTS").await?;
+        if !rated.is_empty() && !recorded.is_empty() {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "Prometheus never had two scrapes and a rule evaluation"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for name in REPLAYED_DASHBOARDS {
+        let path = root().join("dashboards").join(name);
+        let doc: Json = serde_json::from_str(&read(&path)?)?;
+        let vars: BTreeSet<String> = doc["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["name"].as_str())
+            .map(str::to_string)
+            .collect();
+        for panel in doc["panels"].as_array().into_iter().flatten() {
+            let title = panel["title"].as_str().unwrap_or("?");
+            let may_be_empty = panel["arkExpectEmpty"] == true;
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                let expr = substitute(target["expr"].as_str().unwrap_or_default(), &vars)?;
+                checked += 1;
+                match prom.query(&expr).await {
+                    Ok(result) if result.is_empty() && !may_be_empty => problems.push(format!(
+                        "{name} panel {title:?} {}: no data (mark the panel \
+                         \"arkExpectEmpty\": true if that is legitimate)\n    {expr}",
+                        target["refId"]
+                    )),
+                    Ok(result) if !result.is_empty() && may_be_empty => eprintln!(
+                        "note: {name} panel {title:?} has data although marked arkExpectEmpty"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => problems.push(format!("{name} panel {title:?}: {e:#}")),
+                }
+            }
+        }
+    }
+    server.abort();
+    ensure!(
+        problems.is_empty(),
+        "dashboard queries:\n  {}",
+        problems.join("\n  ")
+    );
+    eprintln!("{checked} dashboard queries answered by a real Prometheus");
+    Ok(())
+}
