@@ -1325,3 +1325,138 @@ async fn dashboards_return_data_for_a_fault_replay() -> Result<()> {
     eprintln!("{checked} dashboard queries answered by a real Prometheus");
     Ok(())
 }
+
+// ------------------------------------------------------------------------------------------------
+// Alertmanager with the real configuration, delivering to a local webhook
+
+/// Starts the real Alertmanager on `deploy/alertmanager/alertmanager.yml`, with only the webhook
+/// URL and the token file path replaced, injects alerts as Prometheus would, and checks what the
+/// "healer" receives: one notification per node, Ark alerts only, with the bearer token.
+#[tokio::test]
+async fn alertmanager_delivers_conditions_per_node_with_the_bearer_token() -> Result<()> {
+    if ark_harness::skip_without_services(
+        "alertmanager_delivers_conditions_per_node_with_the_bearer_token",
+    ) {
+        return Ok(());
+    }
+    let sink = ark_harness::WebhookSink::start().await?;
+    let dir = scratch("alertmanager");
+    std::fs::create_dir_all(&dir)?;
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "s3cret-token\n")?;
+
+    let mut config = read_yaml(&am_config())?;
+    let receivers = config["receivers"].as_sequence_mut().context("receivers")?;
+    let healer = receivers
+        .iter_mut()
+        .find(|r| get_str(r, "name") == Some(HEALER_RECEIVER))
+        .context("no ark-healer receiver")?;
+    let hook = &mut healer["webhook_configs"][0];
+    hook["url"] = Yaml::String(sink.url());
+    hook["http_config"]["authorization"]["credentials_file"] =
+        Yaml::String(token_file.display().to_string());
+    let config_file = dir.join("alertmanager.yml");
+    std::fs::write(&config_file, serde_yaml::to_string(&config)?)?;
+
+    let port = ark_harness::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut cmd = Command::new("/usr/bin/prometheus-alertmanager");
+    cmd.arg(format!("--config.file={}", config_file.display()))
+        .arg(format!("--storage.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg(format!("--web.external-url={url}/"))
+        .arg("--cluster.listen-address=")
+        .arg("--log.level=warn");
+    let am = ark_harness::Service::spawn("alertmanager", &mut cmd, &dir.join("alertmanager.log"))?;
+    let http = reqwest::Client::new();
+    ark_harness::wait_for(
+        "Alertmanager /-/ready",
+        std::time::Duration::from_secs(30),
+        &[&am],
+        || async {
+            let ready = http.get(format!("{url}/-/ready")).send().await?;
+            Ok(ready.status().is_success().then_some(()))
+        },
+    )
+    .await?;
+
+    let alert =
+        |labels: Json| serde_json::json!({"labels": labels, "annotations": {"summary": "s"}});
+    let alerts = serde_json::json!([
+        alert(
+            serde_json::json!({"alertname": "GpuFellOffBus", "condition": "GpuFellOffBus",
+            "severity": "critical", "node": "n1", "gpu": "3", "xid": "79"})
+        ),
+        alert(
+            serde_json::json!({"alertname": "GpuHighTemperature", "condition": "GpuHighTemperature",
+            "severity": "warning", "node": "n1", "gpu": "1"})
+        ),
+        alert(
+            serde_json::json!({"alertname": "IbPortDown", "condition": "IbPortDown",
+            "severity": "critical", "node": "n2", "device": "mlx5_0", "port": "1"})
+        ),
+        alert(serde_json::json!({"alertname": "Watchdog", "severity": "none"})),
+    ]);
+    let resp = http
+        .post(format!("{url}/api/v2/alerts"))
+        .json(&alerts)
+        .send()
+        .await?;
+    ensure!(
+        resp.status().is_success(),
+        "POST /api/v2/alerts: {}",
+        resp.status()
+    );
+
+    // group_wait (5 s) per node group, then both groups are delivered.
+    let by_node =
+        |node: &'static str| move |r: &ark_harness::Received| r.body["groupLabels"]["node"] == node;
+    let n1 = sink
+        .wait_for(std::time::Duration::from_secs(20), by_node("n1"))
+        .await?;
+    let n2 = sink
+        .wait_for(std::time::Duration::from_secs(20), by_node("n2"))
+        .await?;
+    for (node, got, expected) in [("n1", &n1, 2), ("n2", &n2, 1)] {
+        ensure!(
+            got.authorization.as_deref() == Some("Bearer s3cret-token"),
+            "{node}: Authorization header {:?}",
+            got.authorization
+        );
+        ensure!(
+            got.body["version"] == "4",
+            "{node}: payload version {}",
+            got.body["version"]
+        );
+        ensure!(
+            got.body["receiver"] == HEALER_RECEIVER,
+            "{node}: {}",
+            got.body["receiver"]
+        );
+        let list = got.body["alerts"].as_array().context("alerts")?;
+        ensure!(
+            list.len() == expected,
+            "{node}: {} alerts in {}",
+            list.len(),
+            got.body
+        );
+        ensure!(
+            list.iter()
+                .all(|a| a["labels"]["node"] == node && a["status"] == "firing"),
+            "{node}: {}",
+            got.body
+        );
+    }
+    // Give a wrongly routed Watchdog the same group_wait to show up.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let all = sink.received();
+    ensure!(
+        all.iter().all(|r| r.body["groupLabels"]["node"].is_string()
+            && !r.body.to_string().contains("Watchdog")),
+        "something other than a node group reached the healer: {:?}",
+        all.iter().map(|r| &r.body).collect::<Vec<_>>()
+    );
+    drop(am);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
