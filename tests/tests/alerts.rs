@@ -1284,6 +1284,31 @@ async fn dashboards_return_data_for_a_fault_replay() -> Result<()> {
     }
 
     let mut problems = Vec::new();
+    // promtool parses; only evaluation shows runtime errors (many-to-many matching, duplicate
+    // series after label changes). Every rule must have evaluated cleanly.
+    let rules: Json = reqwest::get(format!("{}/api/v1/rules", prom.url()))
+        .await?
+        .json()
+        .await?;
+    let mut evaluated = 0;
+    for group in rules["data"]["groups"].as_array().into_iter().flatten() {
+        for rule in group["rules"].as_array().into_iter().flatten() {
+            evaluated += 1;
+            if rule["health"] != "ok" {
+                problems.push(format!(
+                    "rule {} is {}: {}",
+                    rule["name"], rule["health"], rule["lastError"]
+                ));
+            }
+        }
+    }
+    let expected = load_rules(&rule_files()?)?;
+    ensure!(
+        evaluated == expected.alerts.len() + expected.records.len(),
+        "Prometheus loaded {evaluated} rules, alerts/ has {} alerts and {} records",
+        expected.alerts.len(),
+        expected.records.len()
+    );
     let mut checked = 0;
     for name in REPLAYED_DASHBOARDS {
         let path = root().join("dashboards").join(name);
