@@ -553,6 +553,20 @@ pub struct Running {
     pub thread: std::thread::JoinHandle<()>,
 }
 
+/// A bounded event channel without a pipeline behind it (tests, tools). The receiver gets
+/// [`Msg`]s; [`spawn`] uses the same channel.
+pub fn channel(capacity: usize, dropped: DropCounters) -> (EventSender, Receiver<Msg>) {
+    let (tx, rx) = std::sync::mpsc::sync_channel(capacity.max(1));
+    (
+        EventSender {
+            tx,
+            dropped,
+            source: "probe",
+        },
+        rx,
+    )
+}
+
 /// Moves the pipeline onto its own thread.
 pub fn spawn(mut p: Pipeline, telemetry: Telemetry) -> std::io::Result<Running> {
     let (tx, rx) = std::sync::mpsc::sync_channel(p.cfg.queue_capacity.max(16));

@@ -103,7 +103,12 @@ async fn metrics_match_golden_and_pass_promtool() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("promtool must be installed (apt-get install prometheus)");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
