@@ -21,11 +21,13 @@ fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 }
 
 fn config(probes: &[&Path]) -> Config {
-    let mut cfg = Config::default();
-    cfg.probes = probes
-        .iter()
-        .map(|p| ProbeSpec::Path(p.to_string_lossy().into_owned()))
-        .collect();
+    let mut cfg = Config {
+        probes: probes
+            .iter()
+            .map(|p| ProbeSpec::Path(p.to_string_lossy().into_owned()))
+            .collect(),
+        ..Config::default()
+    };
     cfg.probe.backoff_initial = DurationSpec(10);
     cfg.probe.backoff_max = DurationSpec(50);
     cfg
@@ -58,8 +60,10 @@ struct Running {
 
 fn start(cfg: &Config) -> Running {
     let telemetry = Telemetry::new("t").unwrap();
-    let mut pc = PipelineConfig::default();
-    pc.publish_interval = Duration::from_millis(5);
+    let pc = PipelineConfig {
+        publish_interval: Duration::from_millis(5),
+        ..PipelineConfig::default()
+    };
     let p = Pipeline::new(pc, Clock::Wall, None, telemetry.dropped.clone());
     let running = pipeline::spawn(p, telemetry.clone()).unwrap();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
