@@ -119,8 +119,14 @@ impl ShortStr {
         }
     }
     fn set(&mut self, s: &str) {
-        if self.as_str() != s {
-            *self = ShortStr::new(s);
+        match self {
+            // Overwrite in place: no validation, no allocation (this runs on every event).
+            ShortStr::Inline { len, buf } if s.len() <= buf.len() => {
+                buf[..s.len()].copy_from_slice(s.as_bytes());
+                *len = s.len() as u8;
+            }
+            ShortStr::Heap(h) if **h == *s => {}
+            _ => *self = ShortStr::new(s),
         }
     }
 }
@@ -345,6 +351,8 @@ pub struct Graph {
     kind_lists: [Vec<u32>; 3],
     live_nodes: [usize; 3],
     now: i64,
+    /// No queue front expires before this: `expire` is a comparison until then.
+    next_expire: i64,
     next_uid: u64,
     evictions: Evictions,
     changes: Vec<Change>,
@@ -419,6 +427,7 @@ impl Graph {
             kind_lists: Default::default(),
             live_nodes: [0; 3],
             now: i64::MIN,
+            next_expire: i64::MIN,
             next_uid: 0,
             evictions: Evictions::default(),
             changes: Vec::new(),
@@ -687,6 +696,7 @@ impl Graph {
             generation,
             at: ts,
         });
+        self.note_queued(queue_class_node(kind), ts);
         idx
     }
 
@@ -741,6 +751,7 @@ impl Graph {
             generation: uid as u32,
             at: ts,
         });
+        self.note_queued(queue_class_edge(kind), ts);
         if self.track {
             self.changes.push(Change::EdgeAdded {
                 uid,
@@ -847,6 +858,29 @@ impl Graph {
 
     /// Expire from the front of each queue while the front is older than its TTL.
     fn expire(&mut self) {
+        if self.now < self.next_expire {
+            return;
+        }
+        self.expire_slow();
+    }
+
+    fn ttl_of(&self, class: usize) -> i64 {
+        if class == 0 {
+            self.limits.ttl_ms.max(1)
+        } else {
+            self.limits.error_ttl_ms.max(1)
+        }
+    }
+
+    /// Lowers `next_expire` for an entry queued at `at` in `class`.
+    fn note_queued(&mut self, class: usize, at: i64) {
+        let due = at.saturating_add(self.ttl_of(class));
+        if due < self.next_expire {
+            self.next_expire = due;
+        }
+    }
+
+    fn expire_slow(&mut self) {
         for class in 0..2 {
             let ttl = if class == 0 {
                 self.limits.ttl_ms
@@ -903,6 +937,22 @@ impl Graph {
             }
         }
         self.compact_queues();
+        let mut next = i64::MAX;
+        for class in 0..2 {
+            let ttl = self.ttl_of(class);
+            for q in [
+                self.node_queues[class].front(),
+                self.edge_queues[class].front(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                next = next.min(q.at.saturating_add(ttl));
+            }
+        }
+        // Entries are only approximately ordered (second chance); re-check at least once a
+        // second of event time so a young entry at the front never hides an old one for long.
+        self.next_expire = next.min(self.now.saturating_add(1000));
     }
 
     /// Entries of nodes/edges removed by other means stay queued until popped; keep that bounded.
