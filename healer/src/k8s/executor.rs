@@ -376,6 +376,7 @@ impl Executor {
                 gpu: &gpu,
             };
             let outcome = steps::execute(step, &ctx).await?;
+            tracing::debug!(node = %p.node, index, step = %step, outcome = ?outcome, "Step evaluated");
             match outcome {
                 Outcome::Done { message, patch } => {
                     let job = job_for(step, p, &ticket, index);
