@@ -1208,6 +1208,15 @@ impl Graph {
         Some((ed.first_seen, ed.last_seen))
     }
 
+    /// Evicts least recently seen nodes until at most `target` remain; returns how many went.
+    pub fn shrink_to(&mut self, target: usize) -> usize {
+        let mut n = 0;
+        while self.total_nodes() > target && self.evict_one_node() {
+            n += 1;
+        }
+        n
+    }
+
     /// Pids of the live process nodes (unordered).
     pub fn pids(&self) -> impl Iterator<Item = u32> + '_ {
         self.pid_index.keys().copied()

@@ -88,8 +88,8 @@ async fn metrics_match_golden_and_pass_promtool() {
         "ark_events_dropped_total{reason=\"malformed_json\",node=\"golden\"} 2",
         "ark_events_dropped_total{reason=\"unknown_event_type\",node=\"golden\"} 1",
         "ark_events_dropped_total{reason=\"missing_field\",node=\"golden\"} 1",
-        "ark_events_dropped_total{reason=\"timestamp_future\",node=\"golden\"} 1",
-        "ark_events_dropped_total{reason=\"timestamp_past\",node=\"golden\"} 1",
+        "ark_events_clamped_total{reason=\"timestamp_future\",node=\"golden\"} 1",
+        "ark_events_clamped_total{reason=\"timestamp_past\",node=\"golden\"} 1",
         "ark_events_dropped_total{reason=\"oversized_line\",node=\"golden\"} 1",
         "ark_events_dropped_total{reason=\"invalid_utf8\",node=\"golden\"} 1",
     ] {
