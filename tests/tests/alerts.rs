@@ -1309,37 +1309,10 @@ async fn dashboards_return_data_for_a_fault_replay() -> Result<()> {
         expected.alerts.len(),
         expected.records.len()
     );
-    let mut checked = 0;
     for name in REPLAYED_DASHBOARDS {
         let path = root().join("dashboards").join(name);
         let doc: Json = serde_json::from_str(&read(&path)?)?;
-        let vars: BTreeSet<String> = doc["templating"]["list"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v["name"].as_str())
-            .map(str::to_string)
-            .collect();
-        for panel in doc["panels"].as_array().into_iter().flatten() {
-            let title = panel["title"].as_str().unwrap_or("?");
-            let may_be_empty = panel["arkExpectEmpty"] == true;
-            for target in panel["targets"].as_array().into_iter().flatten() {
-                let expr = substitute(target["expr"].as_str().unwrap_or_default(), &vars)?;
-                checked += 1;
-                match prom.query(&expr).await {
-                    Ok(result) if result.is_empty() && !may_be_empty => problems.push(format!(
-                        "{name} panel {title:?} {}: no data (mark the panel \
-                         \"arkExpectEmpty\": true if that is legitimate)\n    {expr}",
-                        target["refId"]
-                    )),
-                    Ok(result) if !result.is_empty() && may_be_empty => eprintln!(
-                        "note: {name} panel {title:?} has data although marked arkExpectEmpty"
-                    ),
-                    Ok(_) => {}
-                    Err(e) => problems.push(format!("{name} panel {title:?}: {e:#}")),
-                }
-            }
-        }
+        problems.extend(query_panels(name, &doc, &prom).await?);
     }
     server.abort();
     ensure!(
@@ -1347,8 +1320,54 @@ async fn dashboards_return_data_for_a_fault_replay() -> Result<()> {
         "dashboard queries:\n  {}",
         problems.join("\n  ")
     );
-    eprintln!("{checked} dashboard queries answered by a real Prometheus");
     Ok(())
+}
+
+/// Runs every panel query of a dashboard (variables substituted) against `prom`. A query that
+/// errors is a problem; so is an empty result, unless the panel has `arkExpectEmpty: true`.
+async fn query_panels(
+    name: &str,
+    doc: &Json,
+    prom: &ark_harness::Prometheus,
+) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let vars: BTreeSet<String> = doc["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["name"].as_str())
+        .map(str::to_string)
+        .collect();
+    let mut checked = 0;
+    for panel in doc["panels"].as_array().into_iter().flatten() {
+        let title = panel["title"].as_str().unwrap_or("?");
+        let may_be_empty = panel["arkExpectEmpty"] == true;
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = substitute(target["expr"].as_str().unwrap_or_default(), &vars)?;
+            checked += 1;
+            // A series whose value is NaN (a quantile of an empty histogram, 0/0) draws
+            // nothing: it counts as no data.
+            let result = prom.query(&expr).await.map(|r| {
+                r.into_iter()
+                    .filter(|s| s["value"][1] != "NaN")
+                    .collect::<Vec<_>>()
+            });
+            match result {
+                Ok(result) if result.is_empty() && !may_be_empty => problems.push(format!(
+                    "{name} panel {title:?} {}: no data (mark the panel \
+                     \"arkExpectEmpty\": true if that is legitimate)\n    {expr}",
+                    target["refId"]
+                )),
+                Ok(result) if !result.is_empty() && may_be_empty => eprintln!(
+                    "note: {name} panel {title:?} has data although marked arkExpectEmpty"
+                ),
+                Ok(_) => {}
+                Err(e) => problems.push(format!("{name} panel {title:?}: {e:#}")),
+            }
+        }
+    }
+    eprintln!("{name}: {checked} queries answered by a real Prometheus");
+    Ok(problems)
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1483,5 +1502,117 @@ async fn alertmanager_delivers_conditions_per_node_with_the_bearer_token() -> Re
     );
     drop(am);
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// the healer dashboard against a real Prometheus scraping a real (dry-run) healer
+
+/// Starts the real healer in dry-run against a real kube-apiserver, sends it one Alertmanager
+/// notification (GpuFellOffBus on a node), lets a real Prometheus scrape its `/metrics`, and runs
+/// every query of `healer.json`: each must succeed, and return data unless its panel carries
+/// `arkExpectEmpty: true`.
+#[tokio::test]
+async fn healer_dashboard_returns_data_for_an_alert() -> Result<()> {
+    if ark_harness::skip_without_services("healer_dashboard_returns_data_for_an_alert") {
+        return Ok(());
+    }
+    let kube = ark_harness::KubeCluster::start().await?;
+    kube.create_node("gpu-node-1", &[]).await?;
+    kube.ensure_namespace("ark-system").await?;
+
+    let dir = scratch("healer");
+    std::fs::create_dir_all(&dir)?;
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "healer-token\n")?;
+    let port = ark_harness::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut cmd = Command::new(ark_harness::bin_path("ark-healer"));
+    cmd.arg("serve")
+        .arg("--dry-run")
+        .arg(format!(
+            "--kubeconfig={}",
+            kube.kubeconfig("admin").display()
+        ))
+        .arg(format!("--webhook-token-file={}", token_file.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .env("ARK_AUDIT_LOG", dir.join("audit.jsonl"))
+        .env("ARK_RECONCILE_INTERVAL_SECONDS", "1");
+    let healer = ark_harness::Service::spawn("ark-healer", &mut cmd, &dir.join("healer.log"))?;
+    let http = reqwest::Client::new();
+    ark_harness::wait_for(
+        "ark-healer /readyz",
+        std::time::Duration::from_secs(30),
+        &[&healer],
+        || async {
+            let ready = http.get(format!("{url}/readyz")).send().await?;
+            Ok(ready.status().is_success().then_some(()))
+        },
+    )
+    .await?;
+
+    let payload = serde_json::json!({
+        "version": "4",
+        "groupKey": "{}/{condition=~\".+\"}:{node=\"gpu-node-1\"}",
+        "truncatedAlerts": 0,
+        "status": "firing",
+        "receiver": HEALER_RECEIVER,
+        "groupLabels": {"node": "gpu-node-1"},
+        "commonLabels": {"node": "gpu-node-1"},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager.invalid",
+        "alerts": [{
+            "status": "firing",
+            "labels": {"alertname": "GpuFellOffBus", "condition": "GpuFellOffBus",
+                       "severity": "critical", "node": "gpu-node-1", "gpu": "3", "xid": "79"},
+            "annotations": {"summary": "GPU 3 on gpu-node-1 has fallen off the bus"},
+            "startsAt": "2026-11-23T10:00:00Z",
+            "endsAt": "0001-01-01T00:00:00Z",
+            "generatorURL": "http://prometheus.invalid/graph",
+            "fingerprint": "0123456789abcdef"
+        }]
+    });
+    let resp = http
+        .post(format!("{url}/api/v1/alerts"))
+        .bearer_auth("healer-token")
+        .json(&payload)
+        .send()
+        .await?;
+    ensure!(
+        resp.status().is_success(),
+        "healer answered {}",
+        resp.status()
+    );
+
+    let prom = ark_harness::Prometheus::start(ark_harness::PromConfig {
+        scrape_interval: std::time::Duration::from_millis(100),
+        evaluation_interval: std::time::Duration::from_millis(100),
+        targets: vec![("ark-healer".into(), format!("127.0.0.1:{port}"))],
+        ..ark_harness::PromConfig::default()
+    })
+    .await?;
+    ark_harness::wait_for(
+        "two scrapes of the healer after it counted the alert",
+        std::time::Duration::from_secs(20),
+        &[&healer],
+        || async {
+            let r = prom
+                .query("count_over_time(ark_healer_alerts_received_total[1m]) >= 2 and ark_healer_alerts_received_total > 0")
+                .await?;
+            Ok((!r.is_empty()).then_some(()))
+        },
+    )
+    .await?;
+
+    let path = root().join("dashboards/healer.json");
+    let doc: Json = serde_json::from_str(&read(&path)?)?;
+    let problems = query_panels("healer.json", &doc, &prom).await?;
+    drop(healer);
+    let _ = std::fs::remove_dir_all(&dir);
+    ensure!(
+        problems.is_empty(),
+        "dashboard queries:\n  {}",
+        problems.join("\n  ")
+    );
     Ok(())
 }
