@@ -1212,8 +1212,8 @@ fn metric_name_check_reports_an_unknown_name() {
 // ------------------------------------------------------------------------------------------------
 // dashboards against a real Prometheus scraping a fault replay
 
-/// Dashboards whose queries the replay scenario can feed. `healer.json` needs a running healer
-/// (and a Kubernetes API): its queries are only parsed, by the test above.
+/// Dashboards whose queries the replay scenario can feed. `healer.json` needs a running healer:
+/// `healer_dashboard_returns_data_for_an_alert`.
 const REPLAYED_DASHBOARDS: &[&str] = &["gpu-fleet.json", "node.json", "causal.json"];
 
 /// Runs `ark-exporter replay` on `dashboards/tests/fault-replay.jsonl`, serves the `/metrics`
