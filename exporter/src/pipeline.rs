@@ -670,11 +670,15 @@ pub fn spawn(mut p: Pipeline, telemetry: Telemetry) -> std::io::Result<Running> 
 fn run(p: &mut Pipeline, rx: &Receiver<Msg>, telemetry: &Telemetry) {
     let mut next_tick = Instant::now() + p.cfg.tick_interval;
     let mut last_publish = Instant::now();
+    // Gap between snapshots: the configured interval, stretched so that building snapshots
+    // (which resolves root causes, bounded by walk_budget) never takes more than ~20 % of the
+    // pipeline thread under a continuous event flow.
+    let mut gap = p.cfg.publish_interval;
     loop {
         let now = Instant::now();
         let mut deadline = next_tick;
         if p.dirty {
-            deadline = deadline.min(last_publish + p.cfg.publish_interval);
+            deadline = deadline.min(last_publish + gap);
         }
         let msg = match rx.recv_timeout(deadline.saturating_duration_since(now)) {
             Ok(m) => Some(m),
@@ -706,11 +710,12 @@ fn run(p: &mut Pipeline, rx: &Receiver<Msg>, telemetry: &Telemetry) {
             p.tick(None);
             next_tick = now + p.cfg.tick_interval;
         }
-        if p.dirty && now >= last_publish + p.cfg.publish_interval {
+        if p.dirty && now >= last_publish + gap {
             let t0 = Instant::now();
             p.publish(telemetry);
             last_publish = now;
             let took = t0.elapsed();
+            gap = p.cfg.publish_interval.max(took * 4);
             if took > Duration::from_millis(100) {
                 tracing::debug!(ms = took.as_millis() as u64, "Slow snapshot");
             }
