@@ -121,9 +121,9 @@ impl GpuFaults {
                 "ark_gpu_ecc_errors_total",
                 "ECC errors since the driver loaded (volatile counters).",
                 MetricType::COUNTER,
-                self.ecc.iter().map(|(&g, &n)| {
-                    (lbl(g, Some(("kind", "uncorrected".to_owned()))), n as f64)
-                }),
+                self.ecc
+                    .iter()
+                    .map(|(&g, &n)| (lbl(g, Some(("kind", "uncorrected".to_owned()))), n as f64)),
             ));
         }
         out
@@ -156,7 +156,15 @@ mod tests {
         for v in ["ECC_DBE", "ecc double-bit error", "Uncorrectable ECC error"] {
             assert_eq!(parse_fault(v), Some(GpuFault::EccUncorrected), "{v}");
         }
-        for v in ["", "XID", "XID_", "xid_abc", "ECC corrected", "GPU_LOST", "XID_99999999999"] {
+        for v in [
+            "",
+            "XID",
+            "XID_",
+            "xid_abc",
+            "ECC corrected",
+            "GPU_LOST",
+            "XID_99999999999",
+        ] {
             assert_eq!(parse_fault(v), None, "{v}");
         }
     }
@@ -165,7 +173,10 @@ mod tests {
     fn counts_per_gpu_and_xid_and_keeps_the_newest_time() {
         let mut f = GpuFaults::default();
         assert!(f.observe(&ev("gpu-3", "XID_79", 2_000)));
-        assert!(f.observe(&ev("gpu-3", "XID_79", 1_000)), "out of order still counts");
+        assert!(
+            f.observe(&ev("gpu-3", "XID_79", 1_000)),
+            "out of order still counts"
+        );
         assert!(f.observe(&ev("gpu-0", "ECC_DBE", 3_000)));
         assert!(!f.observe(&ev("nvme0n1", "XID_79", 1)), "not a GPU");
         let mut not_error = ev("gpu-1", "XID_79", 1);
@@ -173,9 +184,9 @@ mod tests {
         assert!(!f.observe(&not_error));
         let fams = f.families();
         let xid = &fams[0].get_metric()[0];
-        assert_eq!(xid.get_counter().value(), 2.0);
-        assert_eq!(fams[1].get_metric()[0].get_gauge().value(), 2.0);
-        assert_eq!(fams[2].get_metric()[0].get_counter().value(), 1.0);
+        assert_eq!(xid.get_counter().get_value(), 2.0);
+        assert_eq!(fams[1].get_metric()[0].get_gauge().get_value(), 2.0);
+        assert_eq!(fams[2].get_metric()[0].get_counter().get_value(), 1.0);
     }
 
     #[test]
