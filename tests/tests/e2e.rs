@@ -502,6 +502,7 @@ async fn double_bit_ecc_resets_the_gpu() -> Result<()> {
             t["condition"] == "GpuEccDoubleBit" && has_step(t, "RunJob", "Running")
         })
         .await?;
+    assert_eq!(t["sop"], "gpu-reset", "{t:?}");
     assert_eq!(s.jobs(n, "gpu-reset").await?.len(), 1);
     assert!(
         s.jobs(n, "reboot").await?.is_empty(),
