@@ -17,7 +17,8 @@ use crate::rules::format::DurationSpec;
 use crate::{Error, Result};
 
 /// Top-level keys, used to pick our variables out of `ARK_*` (other tools use that prefix too).
-const TOP_KEYS: [&str; 7] = [
+const TOP_KEYS: [&str; 8] = [
+    "nvml",
     "probes",
     "rules_dir",
     "collectors",
@@ -174,6 +175,8 @@ pub struct Config {
     pub rules: RulesSection,
     pub pipeline: PipelineSection,
     pub probe: ProbeSection,
+    /// `[nvml]`: the NVML collector (see `docs/nvml.md`).
+    pub nvml: crate::collectors::nvml::NvmlSection,
 }
 
 fn ms(d: DurationSpec) -> Duration {

@@ -22,6 +22,7 @@
 //! Enabling: each kind has a default; the config's `[collectors]` table (`probe = false`) and the
 //! `--collector NAME` / `--no-collector NAME` flags override it, flags last.
 
+pub mod nvml;
 pub mod probe;
 
 use std::future::Future;
@@ -39,15 +40,18 @@ pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 pub enum CollectorKind {
     /// External probes (`--probe PATH`) speaking the Ark JSON Lines protocol.
     Probe,
+    /// NVIDIA GPUs through NVML (off by default: `--collector nvml`).
+    Nvml,
 }
 
 impl CollectorKind {
-    pub const ALL: &'static [CollectorKind] = &[CollectorKind::Probe];
+    pub const ALL: &'static [CollectorKind] = &[CollectorKind::Probe, CollectorKind::Nvml];
 
     /// The `collector` label and the flag/config name.
     pub fn name(self) -> &'static str {
         match self {
             CollectorKind::Probe => "probe",
+            CollectorKind::Nvml => "nvml",
         }
     }
 
@@ -55,6 +59,7 @@ impl CollectorKind {
     pub fn default_enabled(self) -> bool {
         match self {
             CollectorKind::Probe => true,
+            CollectorKind::Nvml => false,
         }
     }
 
@@ -66,6 +71,7 @@ impl CollectorKind {
     pub fn build(self, cfg: &Config) -> crate::Result<Box<dyn Collector>> {
         Ok(match self {
             CollectorKind::Probe => Box::new(probe::ProbeCollector::new(cfg)),
+            CollectorKind::Nvml => Box::new(nvml::NvmlCollector::new(cfg)),
         })
     }
 }
