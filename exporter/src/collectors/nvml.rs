@@ -193,7 +193,7 @@ impl Collector for NvmlCollector {
 pub struct XidSink {
     state: Mutex<XidState>,
     telemetry: Telemetry,
-    events: EventSender,
+    events: Option<EventSender>,
     clock: ClockFn,
     block_application_xids: bool,
     wake: Option<SyncSender<()>>,
@@ -201,9 +201,10 @@ pub struct XidSink {
 }
 
 impl XidSink {
+    /// `events`: where [`XidSink::handle`] sends; `None` when the caller applies events itself.
     pub fn new(
         telemetry: Telemetry,
-        events: EventSender,
+        events: Option<EventSender>,
         clock: ClockFn,
         block_application_xids: bool,
         wake: Option<SyncSender<()>>,
@@ -219,7 +220,9 @@ impl XidSink {
         }
     }
 
-    pub fn handle(&self, x: XidEvent) {
+    /// Records one XID and publishes the `nvml_xid` snapshot at once; returns the `error.hw`
+    /// event when the XID is a GPU fault (see [`xid`]). [`XidSink::handle`] also sends it.
+    pub fn apply(&self, x: XidEvent) -> Option<Event> {
         let ts = (self.clock)();
         let families = {
             let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -229,19 +232,6 @@ impl XidSink {
         self.telemetry.snapshots.publish("nvml_xid", families);
         let class = xid::class_of(x.xid);
         let blocks = xid::blocks(x.xid, self.block_application_xids);
-        if blocks {
-            self.events.send(Event {
-                ts,
-                event_type: EventType::ErrorHw,
-                entity_id: format!("gpu-{}", x.gpu),
-                job_id: None,
-                pid: None,
-                value: format!("XID_{}", xid::xid_label(x.xid)),
-                node_id: None,
-                pod: None,
-                namespace: None,
-            });
-        }
         let allowed = self
             .log
             .lock()
@@ -250,6 +240,24 @@ impl XidSink {
         if let Some(suppressed) = allowed {
             tracing::warn!(gpu = x.gpu, xid = %xid::xid_label(x.xid), ?class, blocks, suppressed,
                 "XID error reported by the driver");
+        }
+        blocks.then(|| Event {
+            ts,
+            event_type: EventType::ErrorHw,
+            entity_id: format!("gpu-{}", x.gpu),
+            job_id: None,
+            pid: None,
+            value: format!("XID_{}", xid::xid_label(x.xid)),
+            node_id: None,
+            pod: None,
+            namespace: None,
+        })
+    }
+
+    /// [`XidSink::apply`], then sends the event and wakes the poller.
+    pub fn handle(&self, x: XidEvent) {
+        if let (Some(ev), Some(tx)) = (self.apply(x), &self.events) {
+            tx.send(ev);
         }
         if let Some(w) = &self.wake {
             let _ = w.try_send(());
@@ -331,7 +339,7 @@ impl Runner {
         }
         let sink = Arc::new(XidSink::new(
             self.ctx.telemetry.clone(),
-            self.ctx.events.clone(),
+            Some(self.ctx.events.clone()),
             self.clock.clone(),
             self.settings.block_application_xids,
             Some(self.wake_tx.clone()),
@@ -363,9 +371,11 @@ impl Runner {
             }
             self.ctx.status.set_up(true);
             self.ctx.status.set_duration(t0.elapsed().as_secs_f64());
-            if self.sleep_until(wake, t0 + interval) && !self.stopped() {
-                // Woken by an XID: poll again soon, but not in a tight loop.
-                self.sleep_until(wake, t0 + MIN_POLL_GAP);
+            if self.sleep_until(wake, t0 + interval) {
+                // Woken by an XID (or stop): poll again soon, but never in a tight loop.
+                while !self.stopped() && Instant::now() < t0 + MIN_POLL_GAP {
+                    self.sleep_until(wake, t0 + MIN_POLL_GAP);
+                }
             }
         }
     }

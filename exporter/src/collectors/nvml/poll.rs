@@ -543,3 +543,285 @@ pub fn families(devices: &[DeviceState], driver_version: &str) -> Vec<MetricFami
     .map(|(name, help, kind, rows)| family(name, help, kind, rows))
     .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::recorded::{Gate, RecordedSource, Step, golden, h100};
+    use super::*;
+
+    fn values(events: &[Event], gpu: u32, t: EventType) -> Vec<String> {
+        let ent = format!("gpu-{gpu}");
+        events
+            .iter()
+            .filter(|e| e.entity_id == ent && e.event_type == t)
+            .map(|e| e.value.clone())
+            .collect()
+    }
+
+    fn poller(src: RecordedSource, n: u32, settings: PollSettings) -> Poller {
+        Poller::new(Arc::new(src), n, settings, None).unwrap()
+    }
+
+    fn rows(f: &[MetricFamily], name: &str) -> Vec<(Vec<(String, String)>, f64)> {
+        f.iter()
+            .filter(|m| m.name() == name)
+            .flat_map(|mf| {
+                let counter = mf.get_field_type() == MetricType::COUNTER;
+                mf.get_metric().iter().map(move |m| {
+                    let labels = m
+                        .get_label()
+                        .iter()
+                        .map(|l| (l.name().to_owned(), l.value().to_owned()))
+                        .collect();
+                    let v = if counter {
+                        m.get_counter().get_value()
+                    } else {
+                        m.get_gauge().get_value()
+                    };
+                    (labels, v)
+                })
+            })
+            .collect()
+    }
+
+    fn value(f: &[MetricFamily], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        rows(f, name)
+            .into_iter()
+            .find(|(l, _)| {
+                labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(a, b)| a == k && b == v))
+            })
+            .map(|(_, v)| v)
+    }
+
+    #[test]
+    fn golden_cycles_report_faults_as_events_and_metrics() {
+        let mut p = poller(golden(), 4, PollSettings::default());
+        let ev1 = p.poll(1_000);
+        // Double-bit ECC on gpu 1 (first sight of a non-zero volatile count).
+        assert_eq!(
+            values(&ev1, 1, EventType::ErrorHw),
+            ["ECC_DBE uncorrected=2"]
+        );
+        // NVLink 2 down and the x8 link on gpu 2; the Gen3 link alone is not an event.
+        assert_eq!(
+            values(&ev1, 2, EventType::TopoLinkDown),
+            ["nvlink 2 down", "PCIe link width x8 of x16"]
+        );
+        // Every GPU process Consumes its GPU (compute.util with its pid).
+        for (gpu, pid) in [(0, 4242), (0, 4243), (1, 5151), (2, 6161), (3, 7171)] {
+            assert!(
+                ev1.iter().any(|e| e.pid == Some(pid)
+                    && e.entity_id == format!("gpu-{gpu}")
+                    && e.event_type == EventType::ComputeUtil),
+                "pid {pid}"
+            );
+        }
+        assert!(values(&ev1, 0, EventType::ErrorHw).is_empty());
+        assert!(p.devices().iter().all(|d| d.up));
+
+        let ev2 = p.poll(2_000);
+        // gpu 3 lost: GPU_LOST, no more utilisation from it; the ECC count did not grow.
+        assert_eq!(values(&ev2, 3, EventType::ErrorHw), ["GPU_LOST"]);
+        assert!(values(&ev2, 3, EventType::ComputeUtil).is_empty());
+        assert!(values(&ev2, 1, EventType::ErrorHw).is_empty());
+        let d3 = &p.devices()[3];
+        assert!(!d3.up);
+        assert_eq!(d3.down_reason, Some("lost"));
+
+        let f = p.families();
+        assert_eq!(value(&f, "ark_gpu_up", &[("gpu", "3")]), Some(0.0));
+        assert_eq!(value(&f, "ark_gpu_up", &[("gpu", "0")]), Some(1.0));
+        // A lost GPU keeps its identity but no stale gauges.
+        assert!(value(&f, "ark_gpu_info", &[("gpu", "3")]).is_some());
+        assert_eq!(
+            value(&f, "ark_gpu_utilization_ratio", &[("gpu", "3")]),
+            None
+        );
+        assert_eq!(
+            value(
+                &f,
+                "ark_gpu_ecc_errors_total",
+                &[("gpu", "1"), ("kind", "uncorrected")]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(
+                &f,
+                "ark_gpu_remapped_rows",
+                &[("gpu", "1"), ("state", "pending")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&f, "ark_gpu_nvlink_up", &[("gpu", "2"), ("link", "2")]),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(
+                &f,
+                "ark_gpu_pcie_link_width",
+                &[("gpu", "2"), ("which", "current")]
+            ),
+            Some(8.0)
+        );
+        assert_eq!(
+            value(
+                &f,
+                "ark_gpu_throttle_active",
+                &[("gpu", "2"), ("reason", "hw_thermal_slowdown")]
+            ),
+            Some(1.0)
+        );
+        // Supported but inactive reasons are exported as 0; unsupported ones not at all.
+        assert_eq!(
+            value(
+                &f,
+                "ark_gpu_throttle_active",
+                &[("gpu", "0"), ("reason", "gpu_idle")]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(
+                &f,
+                "ark_gpu_throttle_active",
+                &[("gpu", "0"), ("reason", "user_defined_clocks")]
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn a_hung_device_does_not_stall_the_others_and_recovers() {
+        let src = RecordedSource::new(3);
+        let gate = Gate::default();
+        src.answer(0, h100(0, &[]));
+        src.push(1, Step::Hang(gate.clone()));
+        src.answer(1, h100(1, &[(77, 1 << 30)]));
+        src.answer(2, h100(2, &[]));
+        let settings = PollSettings {
+            device_timeout: Duration::from_millis(100),
+            ..PollSettings::default()
+        };
+        let mut p = poller(src, 3, settings);
+        for cycle in 0..3 {
+            let ev = p.poll(cycle);
+            let up: Vec<bool> = p.devices().iter().map(|d| d.up).collect();
+            assert_eq!(up, [true, false, true], "cycle {cycle}");
+            assert_eq!(p.devices()[1].down_reason, Some("timeout"));
+            assert_eq!(values(&ev, 1, EventType::ErrorHw), ["GPU_LOST"]);
+            assert!(!values(&ev, 0, EventType::ComputeUtil).is_empty());
+        }
+        gate.release();
+        // The stuck call returns (its answer is stale and dropped); the worker is asked again.
+        let mut recovered = false;
+        for cycle in 3..200 {
+            let ev = p.poll(cycle);
+            if p.devices()[1].up {
+                assert_eq!(values(&ev, 1, EventType::ErrorHw), ["recovered"]);
+                recovered = true;
+                break;
+            }
+        }
+        assert!(recovered, "gpu 1 never came back after its call returned");
+    }
+
+    #[test]
+    fn processes_are_capped_by_memory_and_attributed_to_pods() {
+        let src = RecordedSource::new(1);
+        let procs: Vec<(u32, u64)> = (0..10).map(|i| (1000 + i, u64::from(i) << 20)).collect();
+        src.answer(0, h100(0, &procs));
+        let resolver: PodResolver = Arc::new(|pid| {
+            (pid % 2 == 0).then(|| PodRef {
+                pod: format!("trainer-{pid}"),
+                namespace: "ml".to_owned(),
+                container: "main".to_owned(),
+            })
+        });
+        let settings = PollSettings {
+            max_processes_per_gpu: 4,
+            ..PollSettings::default()
+        };
+        let mut p = Poller::new(Arc::new(src), 1, settings, Some(resolver)).unwrap();
+        let ev = p.poll(1);
+        let f = p.families();
+        let pids: Vec<String> = rows(&f, "ark_gpu_process_memory_bytes")
+            .into_iter()
+            .map(|(l, _)| l.iter().find(|(k, _)| k == "pid").unwrap().1.clone())
+            .collect();
+        // The four largest, in pid order.
+        assert_eq!(pids, ["1006", "1007", "1008", "1009"]);
+        assert_eq!(value(&f, "ark_gpu_processes", &[("gpu", "0")]), Some(10.0));
+        assert_eq!(
+            value(
+                &f,
+                "ark_gpu_process_memory_bytes",
+                &[
+                    ("pid", "1008"),
+                    ("pod", "trainer-1008"),
+                    ("namespace", "ml"),
+                    ("container", "main")
+                ]
+            ),
+            Some(f64::from(8u32 << 20))
+        );
+        assert_eq!(
+            value(
+                &f,
+                "ark_gpu_process_memory_bytes",
+                &[("pid", "1007"), ("pod", "")]
+            ),
+            Some(f64::from(7u32 << 20))
+        );
+        let e = ev
+            .iter()
+            .find(|e| e.pid == Some(1008) && e.event_type == EventType::ComputeMem)
+            .unwrap();
+        assert_eq!(e.pod.as_deref(), Some("trainer-1008"));
+        assert_eq!(e.namespace.as_deref(), Some("ml"));
+        assert!(
+            !ev.iter().any(|e| e.pid == Some(1000)),
+            "capped pid leaked into events"
+        );
+    }
+
+    #[test]
+    fn a_device_down_from_the_start_is_reported_and_a_panicking_source_is_contained() {
+        struct Panics;
+        impl GpuSource for Panics {
+            fn driver_version(&self) -> String {
+                String::new()
+            }
+            fn device_count(&self) -> Result<u32, GpuError> {
+                Ok(1)
+            }
+            fn sample(&self, _: u32) -> Result<DeviceSample, GpuError> {
+                panic!("binding bug")
+            }
+            fn watch_xids(
+                &self,
+                _: u32,
+                _: &AtomicBool,
+                _: Duration,
+                _: &mut dyn FnMut(super::super::XidEvent),
+            ) -> Result<(), GpuError> {
+                Ok(())
+            }
+        }
+        let mut p = Poller::new(Arc::new(Panics), 1, PollSettings::default(), None).unwrap();
+        let ev = p.poll(1);
+        assert_eq!(values(&ev, 0, EventType::ErrorHw), ["GPU_LOST"]);
+        let f = p.families();
+        assert_eq!(value(&f, "ark_gpu_up", &[("gpu", "0")]), Some(0.0));
+        assert!(
+            rows(&f, "ark_gpu_info").is_empty(),
+            "no identity was ever read"
+        );
+        // The worker survived the panic and is asked again.
+        let ev = p.poll(2);
+        assert_eq!(values(&ev, 0, EventType::ErrorHw), ["GPU_LOST"]);
+    }
+}
