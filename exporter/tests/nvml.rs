@@ -324,6 +324,31 @@ fn the_shipped_rule_pack_recognises_nvml_events() {
     ] {
         assert!(scenes.iter().any(|s| s == want), "{want} not in {scenes:?}");
     }
+
+    // XID 74 (NVLink error) as the XID thread reports it, on its own.
+    let telemetry = Telemetry::new("x").unwrap();
+    let sink = XidSink::new(telemetry.clone(), None, Arc::new(|| T0), false, None);
+    let mut p = Pipeline::new(
+        Config::default().pipeline(),
+        Clock::EventTime,
+        Some(&rules.rules),
+        telemetry.dropped.clone(),
+    );
+    let ev = sink
+        .apply(XidEvent {
+            gpu: 5,
+            xid: Some(74),
+        })
+        .expect("XID 74 is a GPU fault");
+    assert_eq!(
+        (ev.entity_id.as_str(), ev.value.as_str()),
+        ("gpu-5", "XID_74")
+    );
+    p.handle_event(&ev, "nvml");
+    let scenes: Vec<String> = p.report().scenes.into_iter().map(|s| s.scene).collect();
+    for want in ["hardware.gpu.nvlink_degraded", "hardware.gpu.xid_error"] {
+        assert!(scenes.iter().any(|s| s == want), "{want} not in {scenes:?}");
+    }
 }
 
 async fn wait_for<F, Fut>(what: &str, mut f: F)
