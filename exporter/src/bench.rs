@@ -31,10 +31,14 @@ pub enum BenchCommand {
 
 #[derive(Debug, Args)]
 pub struct GraphArgs {
+    /// Events ingested (event n: pid 1000 + n % P, entity gpu-{n % R}, job job-{n % 64},
+    /// transport.drop when n % 10 == 0 else compute.util, value n % 100, ts base + n).
     #[arg(long, default_value_t = 1_000_000)]
     pub events: u64,
+    /// Distinct resources R.
     #[arg(long, default_value_t = 8)]
     pub resources: u64,
+    /// Distinct pids P.
     #[arg(long, default_value_t = 1024)]
     pub pids: u64,
     /// Add one `error.hw` every K events on a random resource (0: none).
@@ -79,6 +83,7 @@ pub struct RulesArgs {
 
 #[derive(Debug, Args)]
 pub struct ParseArgs {
+    /// Lines parsed (the graph workload serialised as JSON Lines).
     #[arg(long, default_value_t = 1_000_000)]
     pub lines: u64,
 }

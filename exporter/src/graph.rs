@@ -13,7 +13,7 @@
 //!   is queued again), so nothing ever scans all nodes or edges per event;
 //! - every node and edge carries first/last sighting; each sighting refreshes `last_seen`.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
@@ -1115,7 +1115,7 @@ impl Graph {
         let mut out = CausalExport::default();
         let mut left = budget;
 
-        let mut waits: BTreeSet<(Option<u32>, &str, &str, &str, &str)> = BTreeSet::new();
+        let mut waits: FxHashSet<(Option<u32>, &str, &str, &str, &str)> = FxHashSet::default();
         for &e in &self.kind_lists[EdgeKind::WaitsOn as usize] {
             let ed = self.edge(e);
             let p = &self.nodes[ed.from as usize];
@@ -1144,10 +1144,14 @@ impl Graph {
             },
         );
 
-        let mut blocked: BTreeSet<(&str, &str)> = BTreeSet::new();
+        let mut blocked: FxHashSet<(&str, &str)> = FxHashSet::default();
         let mut walk_left = walk_budget;
-        let mut reached: FxHashSet<u32> = FxHashSet::default();
-        let mut causes: BTreeSet<(&str, &str, &str, &str, &str)> = BTreeSet::new();
+        // Bitmaps by node index: cheaper than hash sets for a walk over many nodes.
+        let words = self.nodes.len().div_ceil(64);
+        let mut reached = vec![0u64; words];
+        let mut seen = vec![0u64; words];
+        let mut touched: Vec<u32> = Vec::new();
+        let mut causes: FxHashSet<(&str, &str, &str, &str, &str)> = FxHashSet::default();
         for &e in &self.kind_lists[EdgeKind::BlockedBy as usize] {
             let ed = self.edge(e);
             let owner = ed.from;
@@ -1161,9 +1165,14 @@ impl Graph {
                 blocked.insert((owner_name, k));
             }
             // Walk backwards from the errored node to every process that depends on it.
-            let mut seen = FxHashSet::default();
+            // `seen` is shared by the walks and cleared through `touched`.
+            for &t in &touched {
+                seen[(t / 64) as usize] = 0;
+            }
+            touched.clear();
             let mut queue = VecDeque::from([owner]);
-            seen.insert(owner);
+            set_bit(&mut seen, owner);
+            touched.push(owner);
             while let Some(n) = queue.pop_front() {
                 if walk_left == 0 {
                     break;
@@ -1171,7 +1180,7 @@ impl Graph {
                 walk_left -= 1;
                 let node = &self.nodes[n as usize];
                 if node.kind == NodeKind::Process {
-                    reached.insert(n);
+                    set_bit(&mut reached, n);
                     for k in &kinds {
                         causes.insert((
                             s(&node.job),
@@ -1184,7 +1193,8 @@ impl Graph {
                 }
                 for &ie in &node.inn {
                     let ied = self.edge(ie);
-                    if ied.kind != EdgeKind::BlockedBy && seen.insert(ied.from) {
+                    if ied.kind != EdgeKind::BlockedBy && set_bit(&mut seen, ied.from) {
+                        touched.push(ied.from);
                         queue.push_back(ied.from);
                     }
                 }
@@ -1193,7 +1203,7 @@ impl Graph {
         for &e in &self.kind_lists[EdgeKind::WaitsOn as usize] {
             let ed = self.edge(e);
             let p = &self.nodes[ed.from as usize];
-            if p.kind == NodeKind::Process && !reached.contains(&ed.from) {
+            if p.kind == NodeKind::Process && !get_bit(&reached, ed.from) {
                 causes.insert((
                     s(&p.job),
                     s(&p.pod),
@@ -1271,13 +1281,28 @@ fn set_opt(slot: &mut Option<Box<str>>, v: Option<&str>) {
     }
 }
 
-fn take_budget<T, U>(
-    rows: BTreeSet<T>,
+/// Sets bit `i`; true when it was clear.
+fn set_bit(bits: &mut [u64], i: u32) -> bool {
+    let (w, b) = ((i / 64) as usize, i % 64);
+    let was = bits[w] & (1 << b) != 0;
+    bits[w] |= 1 << b;
+    !was
+}
+
+fn get_bit(bits: &[u64], i: u32) -> bool {
+    bits[(i / 64) as usize] & (1 << (i % 64)) != 0
+}
+
+/// Sorts the unique rows, keeps what fits the budget (as owned rows), counts the rest.
+fn take_budget<T: Ord, U>(
+    rows: FxHashSet<T>,
     left: &mut usize,
     out: &mut Vec<U>,
     cut: &mut u64,
     own: impl Fn(T) -> U,
 ) {
+    let mut rows: Vec<T> = rows.into_iter().collect();
+    rows.sort_unstable();
     let n = rows.len();
     out.extend(rows.into_iter().take(*left).map(own));
     *cut += (n - out.len()) as u64;

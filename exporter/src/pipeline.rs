@@ -218,12 +218,26 @@ impl Pipeline {
             Clock::Wall => wall_ms(),
             Clock::EventTime => self.graph.now(),
         };
-        let future = match self.clock {
-            Clock::Wall => self.cfg.max_future_ms,
-            Clock::EventTime => self.cfg.replay_max_gap_ms,
+        // Nothing, recorded or live, can come from the future of the wall clock: this also keeps
+        // a bogus first line of a replay from setting the replay clock.
+        let wall_limit = wall_ms().saturating_add(self.cfg.max_future_ms);
+        let limit = match self.clock {
+            Clock::Wall => wall_limit,
+            Clock::EventTime if now == i64::MIN => wall_limit,
+            Clock::EventTime => now
+                .saturating_add(self.cfg.replay_max_gap_ms)
+                .min(wall_limit),
         };
+        if now == i64::MIN && ev.ts > limit {
+            // First event of a replay and already absurd: no clock to clamp to.
+            return self.drop_event(
+                "timestamp_future",
+                source,
+                &format_args!("ts {} is in the future", ev.ts),
+            );
+        }
         if now != i64::MIN {
-            let off = if ev.ts > now.saturating_add(future) {
+            let off = if ev.ts > limit {
                 Some((
                     "timestamp_future",
                     0,
@@ -760,6 +774,16 @@ mod tests {
             base,
             "a clamped event does not move the clock"
         );
+        // A replay whose first line is beyond the wall clock has no clock to clamp to: dropped.
+        let mut p = Pipeline::new(
+            PipelineConfig::default(),
+            Clock::EventTime,
+            None,
+            t.dropped.clone(),
+        );
+        p.handle_event(&ev(wall_ms() + 86_400_000), "test");
+        assert_eq!(t.dropped.get("timestamp_future"), 1);
+        assert_eq!(p.graph().total_nodes(), 0);
         let cfg = PipelineConfig {
             timestamp_policy: TimestampPolicy::Drop,
             ..PipelineConfig::default()
@@ -768,7 +792,7 @@ mod tests {
         p.handle_event(&ev(wall_ms() + 86_400_000), "test");
         p.handle_event(&ev(0), "test");
         p.handle_event(&ev(wall_ms()), "test");
-        assert_eq!(t.dropped.get("timestamp_future"), 1);
+        assert_eq!(t.dropped.get("timestamp_future"), 2);
         assert_eq!(t.dropped.get("timestamp_past"), 1);
         assert_eq!(p.stats.accepted, 1);
     }
