@@ -395,6 +395,8 @@ impl Runner {
                                 tracing::warn!(error = %e, retry_s = retry.as_secs(),
                                     "XID events unavailable: XIDs are not reported until this succeeds");
                                 logged = true;
+                            } else {
+                                tracing::debug!(error = %e, "XID watch failed again");
                             }
                             let until = Instant::now() + retry;
                             while !stop.load(Ordering::Relaxed) && Instant::now() < until {
@@ -407,5 +409,48 @@ impl Runner {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "XID thread could not start: XIDs are not reported");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvml_section_defaults_file_and_unknown_keys() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.nvml.poll_interval, DurationSpec(5_000));
+        assert!(!c.nvml.block_application_xids);
+        assert_eq!(
+            crate::collectors::CollectorKind::parse("nvml"),
+            Some(crate::collectors::CollectorKind::Nvml)
+        );
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("ark.toml");
+        std::fs::write(
+            &f,
+            "[collectors]\nnvml = true\n[nvml]\npoll_interval = \"10s\"\ndevice_timeout = \"500ms\"\n\
+             max_processes_per_gpu = 8\nlibrary = \"/opt/nvidia/libnvidia-ml.so.1\"\n\
+             block_application_xids = true\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&f)).unwrap();
+        assert_eq!(c.nvml.poll_interval, DurationSpec(10_000));
+        assert_eq!(c.nvml.device_timeout, DurationSpec(500));
+        assert_eq!(c.nvml.max_processes_per_gpu, 8);
+        assert_eq!(
+            c.nvml.library.as_deref(),
+            Some(std::path::Path::new("/opt/nvidia/libnvidia-ml.so.1"))
+        );
+        assert!(c.nvml.block_application_xids);
+        assert_eq!(
+            crate::collectors::enabled(&c, &[], &[]).unwrap(),
+            [
+                crate::collectors::CollectorKind::Probe,
+                crate::collectors::CollectorKind::Nvml
+            ]
+        );
+        std::fs::write(&f, "[nvml]\npoll_intervall = \"10s\"\n").unwrap();
+        assert!(Config::load(Some(&f)).is_err());
     }
 }

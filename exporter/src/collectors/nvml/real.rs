@@ -33,6 +33,9 @@ use super::source::{
 };
 use crate::ratelimit::LogLimiter;
 
+/// Consecutive failed waits after which the XID event set is registered again.
+const MAX_WAIT_FAILURES: u32 = 20;
+
 /// The library name NVML is looked up under by default.
 pub const DEFAULT_LIBRARY: &str = "libnvidia-ml.so";
 
@@ -282,24 +285,25 @@ impl GpuSource for NvmlSource {
         // already lost) must not cost the others their XIDs. NVML frees the set when a
         // registration fails, so the set is rebuilt from the devices that did register.
         let mut registered: Vec<u32> = Vec::new();
+        let mut skipped: Vec<(u32, String)> = Vec::new();
         let mut uuids: Vec<(String, u32)> = Vec::new();
         let mut set = Some(self.registered_set(&[])?);
         for i in 0..devices {
             let dev = match self.nvml.device_by_index(i) {
                 Ok(d) => d,
                 Err(e) => {
-                    tracing::warn!(gpu = i, error = %e, "XID events not registered: device not reachable");
+                    skipped.push((i, format!("device not reachable: {e}")));
                     continue;
                 }
             };
             match dev.supported_event_types() {
                 Ok(t) if t.contains(EventTypes::CRITICAL_XID_ERROR) => {}
                 Ok(_) => {
-                    tracing::warn!(gpu = i, "XID events not supported by this device");
+                    skipped.push((i, "critical XID events not supported".to_owned()));
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(gpu = i, error = %e, "XID events not registered: cannot read supported events");
+                    skipped.push((i, format!("supported events unreadable: {e}")));
                     continue;
                 }
             }
@@ -313,26 +317,32 @@ impl GpuSource for NvmlSource {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(gpu = i, error = %e.error, "XID event registration failed");
+                    skipped.push((i, format!("registration failed: {}", e.error)));
                     set = Some(self.registered_set(&registered)?);
                 }
             }
         }
         let set = match set {
             Some(s) if !registered.is_empty() => s,
+            // The caller logs this once and retries quietly.
             _ => {
                 return Err(GpuError::Call {
                     call: "nvmlDeviceRegisterEvents",
-                    detail: "no device accepted critical XID event registration".to_owned(),
+                    detail: format!("no device accepted critical XID events: {skipped:?}"),
                 });
             }
         };
+        if !skipped.is_empty() {
+            tracing::warn!(?skipped, "Critical XID events not watched on some GPUs");
+        }
         tracing::info!(gpus = ?registered, "Watching critical XID events");
         let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1);
         let mut limiter = LogLimiter::new(Duration::from_secs(60));
+        let mut failures = 0u32;
         while !stop.load(Ordering::Relaxed) {
             match set.wait(wait_ms) {
                 Ok(data) => {
+                    failures = 0;
                     if !data.event_type.contains(EventTypes::CRITICAL_XID_ERROR) {
                         continue;
                     }
@@ -359,9 +369,18 @@ impl GpuSource for NvmlSource {
                         }
                     }
                 }
-                Err(NvmlError::Timeout) => {}
+                Err(NvmlError::Timeout) => failures = 0,
                 Err(e) => {
                     // GpuLost and friends: the poller reports the device; avoid spinning here.
+                    // A set that keeps failing (e.g. invalidated by a GPU reset) is given up and
+                    // registered again by the caller after its retry interval.
+                    failures += 1;
+                    if failures >= MAX_WAIT_FAILURES {
+                        return Err(GpuError::Call {
+                            call: "nvmlEventSetWait",
+                            detail: format!("{failures} failures in a row, last: {e}"),
+                        });
+                    }
                     if let Some(n) = limiter.allow(Instant::now()) {
                         tracing::warn!(error = %e, suppressed = n, "Waiting for XID events failed");
                     }
