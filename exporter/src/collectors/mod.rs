@@ -22,6 +22,7 @@
 //! Enabling: each kind has a default; the config's `[collectors]` table (`probe = false`) and the
 //! `--collector NAME` / `--no-collector NAME` flags override it, flags last.
 
+pub mod ebpf;
 pub mod nvml;
 pub mod probe;
 
@@ -40,17 +41,24 @@ pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 pub enum CollectorKind {
     /// External probes (`--probe PATH`) speaking the Ark JSON Lines protocol.
     Probe,
+    /// Kernel programs: TCP retransmits, block I/O latency, exits, OOM kills.
+    Ebpf,
     /// NVIDIA GPUs through NVML (off by default: `--collector nvml`).
     Nvml,
 }
 
 impl CollectorKind {
-    pub const ALL: &'static [CollectorKind] = &[CollectorKind::Probe, CollectorKind::Nvml];
+    pub const ALL: &'static [CollectorKind] = &[
+        CollectorKind::Probe,
+        CollectorKind::Ebpf,
+        CollectorKind::Nvml,
+    ];
 
     /// The `collector` label and the flag/config name.
     pub fn name(self) -> &'static str {
         match self {
             CollectorKind::Probe => "probe",
+            CollectorKind::Ebpf => "ebpf",
             CollectorKind::Nvml => "nvml",
         }
     }
@@ -59,6 +67,7 @@ impl CollectorKind {
     pub fn default_enabled(self) -> bool {
         match self {
             CollectorKind::Probe => true,
+            CollectorKind::Ebpf => true,
             CollectorKind::Nvml => false,
         }
     }
@@ -71,6 +80,7 @@ impl CollectorKind {
     pub fn build(self, cfg: &Config) -> crate::Result<Box<dyn Collector>> {
         Ok(match self {
             CollectorKind::Probe => Box::new(probe::ProbeCollector::new(cfg)),
+            CollectorKind::Ebpf => Box::new(ebpf::EbpfCollector::new(cfg)),
             CollectorKind::Nvml => Box::new(nvml::NvmlCollector::new(cfg)),
         })
     }
@@ -150,8 +160,12 @@ mod tests {
     #[test]
     fn enable_disable_order() {
         let mut cfg = Config::default();
-        assert_eq!(enabled(&cfg, &[], &[]).unwrap(), [CollectorKind::Probe]);
+        assert_eq!(
+            enabled(&cfg, &[], &[]).unwrap(),
+            [CollectorKind::Probe, CollectorKind::Ebpf]
+        );
         cfg.collectors.insert("probe".into(), false);
+        cfg.collectors.insert("ebpf".into(), false);
         assert!(enabled(&cfg, &[], &[]).unwrap().is_empty());
         assert_eq!(
             enabled(&cfg, &["probe".into()], &[]).unwrap(),

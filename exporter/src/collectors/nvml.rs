@@ -447,6 +447,7 @@ mod tests {
             crate::collectors::enabled(&c, &[], &[]).unwrap(),
             [
                 crate::collectors::CollectorKind::Probe,
+                crate::collectors::CollectorKind::Ebpf,
                 crate::collectors::CollectorKind::Nvml
             ]
         );
