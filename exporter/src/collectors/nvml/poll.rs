@@ -317,24 +317,25 @@ impl Poller {
                 e.namespace = non_empty(&row.pod.namespace);
                 e
             };
-            // Every GPU process gets a compute.util event (the device's utilisation: NVML has
-            // no cheap per-process figure) so that it Consumes the GPU even when its memory is
-            // unknown.
-            events.push(with_pod(ev(
-                ts,
-                EventType::ComputeUtil,
-                gpu,
-                Some(p.pid),
-                util_pct.unwrap_or(0).to_string(),
-            )));
-            if let Some(m) = p.used_memory_bytes {
+            // The GPU's utilisation stands in for the process's (NVML has no cheap per-process
+            // figure). Unknown utilisation is left out rather than sent as 0, which would look
+            // like a stalled job; the process still Consumes the GPU through compute.mem.
+            if let Some(u) = util_pct {
                 events.push(with_pod(ev(
                     ts,
-                    EventType::ComputeMem,
+                    EventType::ComputeUtil,
                     gpu,
                     Some(p.pid),
-                    m.to_string(),
+                    u.to_string(),
                 )));
+            }
+            let mem = match (p.used_memory_bytes, util_pct) {
+                (Some(m), _) => Some(m.to_string()),
+                (None, None) => Some("unknown".to_owned()),
+                (None, Some(_)) => None,
+            };
+            if let Some(m) = mem {
+                events.push(with_pod(ev(ts, EventType::ComputeMem, gpu, Some(p.pid), m)));
             }
         }
         if let Some(ecc) = s.ecc {
@@ -786,6 +787,32 @@ mod tests {
             !ev.iter().any(|e| e.pid == Some(1000)),
             "capped pid leaked into events"
         );
+    }
+
+    #[test]
+    fn unknown_utilisation_is_not_sent_as_zero_but_the_process_still_consumes_the_gpu() {
+        // E.g. a MIG-enabled GPU: no device utilisation, no per-process memory.
+        let src = RecordedSource::new(1);
+        let mut s = h100(0, &[(900, 0)]);
+        s.utilization_ratio = None;
+        s.processes[0].used_memory_bytes = None;
+        src.answer(0, s);
+        let mut p = poller(src, 1, PollSettings::default());
+        let ev = p.poll(1);
+        let of_pid: Vec<(EventType, String)> = ev
+            .iter()
+            .filter(|e| e.pid == Some(900))
+            .map(|e| (e.event_type, e.value.clone()))
+            .collect();
+        assert_eq!(of_pid, [(EventType::ComputeMem, "unknown".to_owned())]);
+        assert!(values(&ev, 0, EventType::ComputeUtil).is_empty());
+        let f = p.families();
+        assert_eq!(
+            value(&f, "ark_gpu_utilization_ratio", &[("gpu", "0")]),
+            None
+        );
+        assert!(rows(&f, "ark_gpu_process_memory_bytes").is_empty());
+        assert_eq!(value(&f, "ark_gpu_processes", &[("gpu", "0")]), Some(1.0));
     }
 
     #[test]
