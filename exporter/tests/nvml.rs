@@ -590,3 +590,147 @@ fn binary_with_the_nvml_collector_keeps_serving_without_a_gpu() {
         assert!(log.contains("libnvidia-ml.so"), "{log}");
     }
 }
+
+/// Compiles `tests/fixtures/nvml_stub.c` (an ABI stub of a few NVML entry points, see the file).
+fn build_stub(dir: &Path) -> std::path::PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nvml_stub.c");
+    let out = dir.join("libnvidia-ml-stub.so");
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("a C compiler (cc) is needed to build the NVML ABI stub");
+    assert!(status.success(), "building {} failed", src.display());
+    out
+}
+
+/// The real `NvmlSource` (nvml-wrapper, dlopen, struct layouts, return codes) against the stub:
+/// the closest this machine gets to running it. Not a substitute for a GPU.
+#[test]
+fn real_nvml_source_against_an_abi_stub() {
+    use ark_exporter::collectors::nvml::source::Pcie;
+    let d = tempfile::tempdir().unwrap();
+    let lib = build_stub(d.path());
+    let src = NvmlSource::open(Some(&lib)).unwrap();
+    assert_eq!(src.driver_version(), "550.90.07");
+    assert_eq!(src.device_count().unwrap(), 2);
+    let s = src.sample(0).unwrap();
+    assert_eq!(s.info.uuid, "GPU-00000000-stub-0000-0000-000000000000");
+    assert_eq!(s.info.model, "Stub GPU");
+    assert_eq!(s.info.pci_bus_id, "00000000:18:00.0");
+    assert_eq!(s.utilization_ratio, Some(0.42));
+    assert_eq!(s.memory_used_bytes, Some(1 << 30));
+    assert_eq!(s.memory_total_bytes, Some(80 << 30));
+    assert_eq!(s.temperature_celsius, Some(55.0));
+    assert_eq!(s.power_watts, Some(300.0));
+    assert_eq!(
+        s.pcie,
+        Pcie {
+            gen_current: Some(4),
+            gen_max: Some(4),
+            width_current: Some(8),
+            width_max: Some(16),
+        }
+    );
+    assert_eq!(s.nvlinks, [(0, true), (1, false)]);
+    // Functions this "driver" lacks are "not supported", not errors.
+    assert_eq!(s.ecc, None);
+    assert_eq!(s.throttle, None);
+    assert_eq!(s.remapped_rows, None);
+    assert_eq!(s.retired_pages, None);
+    assert!(s.processes.is_empty());
+    // NVML_ERROR_GPU_IS_LOST → Lost.
+    match src.sample(1) {
+        Err(GpuError::Lost { gpu: 1, detail }) => assert!(detail.contains("bus"), "{detail}"),
+        other => panic!("gpu 1 must be lost, got {other:?}"),
+    }
+    // No event API in this library: an error, not a hang.
+    let stop = AtomicBool::new(false);
+    let r = src.watch_xids(2, &stop, Duration::from_millis(10), &mut |_| {});
+    assert!(matches!(r, Err(GpuError::Call { .. })), "{r:?}");
+}
+
+/// The binary serving with the real source on the stub library: one GPU up, one lost, XID
+/// events reported unavailable once, everything on `/metrics`.
+#[test]
+fn binary_with_the_real_source_on_the_abi_stub() {
+    let d = tempfile::tempdir().unwrap();
+    let lib = build_stub(d.path());
+    let cfg = d.path().join("ark.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[nvml]\nlibrary = \"{}\"\npoll_interval = \"200ms\"\n",
+            lib.display()
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = d.path().join("stderr");
+    let mut child = Kill(
+        Command::new(env!("CARGO_BIN_EXE_ark-exporter"))
+            .args([
+                "--web.listen-address",
+                &format!("127.0.0.1:{port}"),
+                "--node-name",
+                "n1",
+                "--collector",
+                "nvml",
+                "--config",
+            ])
+            .arg(&cfg)
+            .env_remove("NODE_NAME")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut text = String::new();
+    for _ in 0..500 {
+        if let Some((200, t)) = http_get(port, "/metrics")
+            && sample(&t, "ark_gpu_up", &[("gpu", "1")]) == Some(0.0)
+            && sample(&t, "ark_gpu_up", &[("gpu", "0")]) == Some(1.0)
+        {
+            text = t;
+            break;
+        }
+        assert!(child.0.try_wait().unwrap().is_none(), "exporter exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.is_empty(), "no GPU series on /metrics; log:\n{log}");
+    let s = |name: &str, labels: &[(&str, &str)]| sample(&text, name, labels);
+    assert_eq!(s("ark_collector_up", &[("collector", "nvml")]), Some(1.0));
+    assert_eq!(
+        s(
+            "ark_gpu_info",
+            &[
+                ("gpu", "0"),
+                ("model", "Stub GPU"),
+                ("driver_version", "550.90.07")
+            ]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(s("ark_gpu_utilization_ratio", &[("gpu", "0")]), Some(0.42));
+    assert_eq!(s("ark_gpu_power_watts", &[("gpu", "0")]), Some(300.0));
+    assert_eq!(
+        s("ark_gpu_nvlink_up", &[("gpu", "0"), ("link", "1")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        s(
+            "ark_gpu_pcie_link_width",
+            &[("gpu", "0"), ("which", "current")]
+        ),
+        Some(8.0)
+    );
+    assert_eq!(log.matches("XID events unavailable").count(), 1, "{log}");
+    assert_eq!(log.matches("GPU not answering").count(), 1, "{log}");
+    assert!(!log.contains("NVML collector off"), "{log}");
+}
