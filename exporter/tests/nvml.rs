@@ -645,14 +645,26 @@ fn real_nvml_source_against_an_abi_stub() {
         Err(GpuError::Lost { gpu: 1, detail }) => assert!(detail.contains("bus"), "{detail}"),
         other => panic!("gpu 1 must be lost, got {other:?}"),
     }
-    // No event API in this library: an error, not a hang.
+    // XID events: registered on gpu 0 (gpu 1 is lost), the stub's XID 79 arrives through the
+    // real event-set path and is attributed to gpu 0.
     let stop = AtomicBool::new(false);
-    let r = src.watch_xids(2, &stop, Duration::from_millis(10), &mut |_| {});
-    assert!(matches!(r, Err(GpuError::Call { .. })), "{r:?}");
+    let mut got = Vec::new();
+    src.watch_xids(2, &stop, Duration::from_millis(50), &mut |x| {
+        got.push(x);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    })
+    .unwrap();
+    assert_eq!(
+        got,
+        [XidEvent {
+            gpu: 0,
+            xid: Some(79)
+        }]
+    );
 }
 
-/// The binary serving with the real source on the stub library: one GPU up, one lost, XID
-/// events reported unavailable once, everything on `/metrics`.
+/// The binary serving with the real source on the stub library: one GPU up, one lost, the
+/// stub's XID 79 counted and blocking gpu 0 in the graph, everything on `/metrics`.
 #[test]
 fn binary_with_the_real_source_on_the_abi_stub() {
     let d = tempfile::tempdir().unwrap();
@@ -695,6 +707,18 @@ fn binary_with_the_real_source_on_the_abi_stub() {
         if let Some((200, t)) = http_get(port, "/metrics")
             && sample(&t, "ark_gpu_up", &[("gpu", "1")]) == Some(0.0)
             && sample(&t, "ark_gpu_up", &[("gpu", "0")]) == Some(1.0)
+            && sample(
+                &t,
+                "ark_gpu_xid_errors_total",
+                &[("gpu", "0"), ("xid", "79")],
+            )
+            .is_some()
+            && sample(
+                &t,
+                "ark_blocked_by",
+                &[("resource", "gpu-0"), ("error", "error.hw")],
+            )
+            .is_some()
         {
             text = t;
             break;
@@ -730,7 +754,31 @@ fn binary_with_the_real_source_on_the_abi_stub() {
         ),
         Some(8.0)
     );
-    assert_eq!(log.matches("XID events unavailable").count(), 1, "{log}");
+    assert_eq!(
+        s("ark_gpu_xid_errors_total", &[("gpu", "0"), ("xid", "79")]),
+        Some(1.0)
+    );
+    assert!(
+        s(
+            "ark_gpu_last_xid_timestamp_seconds",
+            &[("gpu", "0"), ("xid", "79")]
+        )
+        .is_some()
+    );
+    assert_eq!(
+        s(
+            "ark_blocked_by",
+            &[("resource", "gpu-0"), ("error", "error.hw")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        log.matches("Watching critical XID events").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(log.matches("not watched on some GPUs").count(), 1, "{log}");
+    assert!(!log.contains("XID events unavailable"), "{log}");
     assert_eq!(log.matches("GPU not answering").count(), 1, "{log}");
     assert!(!log.contains("NVML collector off"), "{log}");
 }
