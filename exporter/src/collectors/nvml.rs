@@ -77,6 +77,10 @@ pub struct NvmlSection {
     pub poll_interval: DurationSpec,
     /// A device that has not answered after this long is reported down (`ark_gpu_up 0`).
     pub device_timeout: DurationSpec,
+    /// The same for the first poll after start (GPUs without persistence mode wake up slowly).
+    pub first_poll_timeout: DurationSpec,
+    /// Consecutive silent polls before `GPU_LOST` goes to the causal graph.
+    pub lost_after_timeouts: u32,
     /// How often to try again when NVML cannot be opened or the XID watch cannot be set up.
     pub retry_interval: DurationSpec,
     /// Devices watched (indexes `0..max_gpus`); more are ignored with a warning.
@@ -94,6 +98,8 @@ impl Default for NvmlSection {
         NvmlSection {
             poll_interval: DurationSpec(5_000),
             device_timeout: DurationSpec(2_000),
+            first_poll_timeout: DurationSpec(30_000),
+            lost_after_timeouts: 3,
             retry_interval: DurationSpec(60_000),
             max_gpus: 64,
             max_processes_per_gpu: 128,
@@ -348,6 +354,8 @@ impl Runner {
 
         let settings = PollSettings {
             device_timeout: dur(self.settings.device_timeout),
+            first_timeout: dur(self.settings.first_poll_timeout),
+            lost_after_timeouts: self.settings.lost_after_timeouts,
             max_processes_per_gpu: self.settings.max_processes_per_gpu,
         };
         let mut poller = match Poller::new(source, gpus, settings, self.resolver.clone()) {

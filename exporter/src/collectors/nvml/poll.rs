@@ -25,6 +25,12 @@ use crate::metrics::family;
 pub struct PollSettings {
     /// How long a cycle waits for a device before reporting it as not answering.
     pub device_timeout: Duration,
+    /// The same for the first cycle: without persistence mode the driver initialises each GPU
+    /// on first use, which can take seconds.
+    pub first_timeout: Duration,
+    /// Consecutive timeouts before a silent device is also sent to the graph as `GPU_LOST`
+    /// (`ark_gpu_up` is 0 from the first one). An explicit "lost" answer is sent at once.
+    pub lost_after_timeouts: u32,
     /// Processes exported per GPU (largest memory first); the rest are counted only.
     pub max_processes_per_gpu: usize,
 }
@@ -33,6 +39,8 @@ impl Default for PollSettings {
     fn default() -> Self {
         PollSettings {
             device_timeout: Duration::from_secs(2),
+            first_timeout: Duration::from_secs(30),
+            lost_after_timeouts: 3,
             max_processes_per_gpu: 128,
         }
     }
@@ -74,6 +82,8 @@ pub struct DeviceState {
     pub sample_seconds: Option<f64>,
     /// Last uncorrected ECC count seen, to emit `ECC_DBE` on increases only.
     last_uncorrected: Option<u64>,
+    /// Consecutive cycles without an answer in time.
+    timeouts: u32,
     /// Has the device been seen at all (a device down from the start still gets `up 0`).
     seen: bool,
 }
@@ -207,7 +217,14 @@ impl Poller {
             }
         }
         let mut answers: Vec<Option<Answer>> = (0..self.workers.len()).map(|_| None).collect();
-        let deadline = Instant::now() + self.settings.device_timeout;
+        let timeout = if cycle == 1 {
+            self.settings
+                .first_timeout
+                .max(self.settings.device_timeout)
+        } else {
+            self.settings.device_timeout
+        };
+        let deadline = Instant::now() + timeout;
         while pending > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.answers.recv_timeout(left) {
@@ -223,7 +240,7 @@ impl Poller {
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
-        let timeout_ms = self.settings.device_timeout.as_millis() as u64;
+        let timeout_ms = timeout.as_millis() as u64;
         let mut events = Vec::new();
         for (i, a) in answers.into_iter().enumerate() {
             let gpu = i as u32;
@@ -246,6 +263,7 @@ impl Poller {
         events: &mut Vec<Event>,
     ) {
         let max_procs = self.settings.max_processes_per_gpu;
+        let lost_after = self.settings.lost_after_timeouts.max(1);
         let resolver = self.resolver.clone();
         let st = &mut self.devices[gpu as usize];
         st.sample_seconds = took.map(|d| d.as_secs_f64());
@@ -264,8 +282,17 @@ impl Poller {
                 st.sample = None;
                 st.processes.clear();
                 st.processes_total = 0;
+                st.timeouts = if matches!(e, GpuError::Timeout { .. }) {
+                    st.timeouts.saturating_add(1)
+                } else {
+                    0
+                };
+                // A slow answer is not yet a lost GPU for the graph (its consumers would all be
+                // marked blocked); a device that stays silent, or says it is lost, is.
                 // Re-sent every cycle while down, so the BlockedBy edge lives as long as the fault.
-                events.push(ev(ts, EventType::ErrorHw, gpu, None, "GPU_LOST".to_owned()));
+                if st.timeouts == 0 || st.timeouts >= lost_after {
+                    events.push(ev(ts, EventType::ErrorHw, gpu, None, "GPU_LOST".to_owned()));
+                }
                 return;
             }
         };
@@ -282,6 +309,7 @@ impl Poller {
         }
         st.up = true;
         st.down_reason = None;
+        st.timeouts = 0;
         st.info = Some(s.info.clone());
 
         // Processes: largest memory first under the cap, then by pid for stable output.
@@ -705,15 +733,19 @@ mod tests {
         src.answer(2, h100(2, &[]));
         let settings = PollSettings {
             device_timeout: Duration::from_millis(100),
+            first_timeout: Duration::from_millis(100),
+            lost_after_timeouts: 3,
             ..PollSettings::default()
         };
         let mut p = poller(src, 3, settings);
-        for cycle in 0..3 {
+        for cycle in 0..4 {
             let ev = p.poll(cycle);
             let up: Vec<bool> = p.devices().iter().map(|d| d.up).collect();
             assert_eq!(up, [true, false, true], "cycle {cycle}");
             assert_eq!(p.devices()[1].down_reason, Some("timeout"));
-            assert_eq!(values(&ev, 1, EventType::ErrorHw), ["GPU_LOST"]);
+            // Down on /metrics at once; GPU_LOST for the graph from the third silent cycle on.
+            let lost: &[&str] = if cycle >= 2 { &["GPU_LOST"] } else { &[] };
+            assert_eq!(values(&ev, 1, EventType::ErrorHw), lost, "cycle {cycle}");
             assert!(!values(&ev, 0, EventType::ComputeUtil).is_empty());
         }
         gate.release();
