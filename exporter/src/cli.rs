@@ -102,7 +102,7 @@ pub struct ServeArgs {
     /// Configuration file (TOML, or YAML by extension).
     #[arg(long = "config", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Enable a collector (repeatable; also `--collector.NAME`). Known: probe, ebpf.
+    /// Enable a collector (repeatable; also `--collector.NAME`). Known: probe, ebpf, nvml (nvml is off by default).
     #[arg(long = "collector", value_name = "NAME")]
     pub enable: Vec<String>,
     /// Disable a collector (repeatable; also `--no-collector.NAME`).

@@ -23,6 +23,7 @@
 //! `--collector NAME` / `--no-collector NAME` flags override it, flags last.
 
 pub mod ebpf;
+pub mod nvml;
 pub mod probe;
 
 use std::future::Future;
@@ -42,16 +43,23 @@ pub enum CollectorKind {
     Probe,
     /// Kernel programs: TCP retransmits, block I/O latency, exits, OOM kills.
     Ebpf,
+    /// NVIDIA GPUs through NVML (off by default: `--collector nvml`).
+    Nvml,
 }
 
 impl CollectorKind {
-    pub const ALL: &'static [CollectorKind] = &[CollectorKind::Probe, CollectorKind::Ebpf];
+    pub const ALL: &'static [CollectorKind] = &[
+        CollectorKind::Probe,
+        CollectorKind::Ebpf,
+        CollectorKind::Nvml,
+    ];
 
     /// The `collector` label and the flag/config name.
     pub fn name(self) -> &'static str {
         match self {
             CollectorKind::Probe => "probe",
             CollectorKind::Ebpf => "ebpf",
+            CollectorKind::Nvml => "nvml",
         }
     }
 
@@ -60,6 +68,7 @@ impl CollectorKind {
         match self {
             CollectorKind::Probe => true,
             CollectorKind::Ebpf => true,
+            CollectorKind::Nvml => false,
         }
     }
 
@@ -72,6 +81,7 @@ impl CollectorKind {
         Ok(match self {
             CollectorKind::Probe => Box::new(probe::ProbeCollector::new(cfg)),
             CollectorKind::Ebpf => Box::new(ebpf::EbpfCollector::new(cfg)),
+            CollectorKind::Nvml => Box::new(nvml::NvmlCollector::new(cfg)),
         })
     }
 }
