@@ -77,10 +77,19 @@ impl Executor {
     /// does not wait behind every node whose Job is still running; `None` (the periodic pass)
     /// advances all. Planning, and so the disruption budget, always covers the whole cluster.
     pub async fn reconcile(&self, only: Option<&HashSet<String>>) -> Result<Plan> {
-        let view = match &self.kube {
-            Some(k) => k.cluster_view().await?,
-            None => ClusterView::default(),
+        let (view, listed): (ClusterView, HashMap<String, Node>) = match &self.kube {
+            Some(k) => {
+                let nodes = k.list_nodes().await?;
+                let view = super::view_of(&nodes);
+                let listed = nodes
+                    .into_iter()
+                    .map(|n| (n.metadata.name.clone().unwrap_or_default(), n))
+                    .collect();
+                (view, listed)
+            }
+            None => (ClusterView::default(), HashMap::new()),
         };
+        let listed = &listed;
         let now = Timestamp::now();
         let alerts = self.store().snapshot();
         let plan = planner::plan(&alerts, &self.catalog, &self.config, &view, now);
@@ -131,7 +140,7 @@ impl Executor {
         if let Some(kube) = &self.kube {
             futures::stream::iter(runnable)
                 .for_each_concurrent(self.config.max_concurrent_nodes, |p| async move {
-                    if let Err(e) = self.advance(kube, p).await {
+                    if let Err(e) = self.advance(kube, p, listed.get(&p.node).cloned()).await {
                         tracing::warn!(node = %p.node, condition = %p.condition, error = %e, "SOP step failed; retried next pass");
                     }
                 })
@@ -346,10 +355,12 @@ impl Executor {
     }
 
     /// Advances one node's SOP as far as it can go now, one recorded step at a time.
-    pub async fn advance(&self, kube: &Kube, p: &NodePlan) -> Result<()> {
+    /// `first`: the node as just listed, if at hand (saves a GET).
+    pub async fn advance(&self, kube: &Kube, p: &NodePlan, first: Option<Node>) -> Result<()> {
         let ns = self.config.events_namespace.as_str();
         // The node as our last write returned it: saves a GET per step. None: read it.
-        let mut cached: Option<Node> = None;
+        let mut cached: Option<Node> = first;
+        let mut opening: Option<String> = None;
         // Bound the loop: every iteration either completes a step or returns.
         for _ in 0..(p.step_list.len() * 3 + 6) {
             let now = Timestamp::now();
@@ -385,14 +396,13 @@ impl Executor {
                         );
                         self.audit_step(p, None, "Supersede", "Succeeded", &msg);
                     }
-                    let Some(node) = self.write(kube, &node, &t, None).await? else {
-                        continue; // conflict: re-read
-                    };
-                    let msg = format!("{} ({}): SOP {} started", p.condition, p.reason, p.sop);
-                    self.audit_step(p, None, "Open", "Created", &msg);
-                    kube.event(ns, &node, true, "RemediationStarted", &msg);
-                    cached = Some(node);
-                    continue;
+                    // Written together with the first step's record (one request); announced
+                    // once that write succeeded.
+                    opening = Some(format!(
+                        "{} ({}): SOP {} started",
+                        p.condition, p.reason, p.sop
+                    ));
+                    t
                 }
             };
             let Some(index) = ticket.next_step(p.step_list.len()) else {
@@ -417,7 +427,10 @@ impl Executor {
                         None,
                     ),
                 );
-                if let Some(node) = self.write(kube, &node, &ticket, None).await? {
+                if let Some(node) = self
+                    .write(kube, &node, &ticket, None, &mut opening, p)
+                    .await?
+                {
                     self.audit_step(p, Some(index), step.action(), "Running", &step.to_string());
                     kube.event(
                         ns,
@@ -472,7 +485,10 @@ impl Executor {
                             retries,
                         ),
                     );
-                    let Some(node) = self.write(kube, &node, &ticket, patch).await? else {
+                    let Some(node) = self
+                        .write(kube, &node, &ticket, patch, &mut opening, p)
+                        .await?
+                    else {
                         continue; // 409: node changed since we read it; recompute the step
                     };
                     self.metrics
@@ -508,7 +524,8 @@ impl Executor {
                             w.job = job;
                         }
                         ticket.record(index, w);
-                        self.write(kube, &node, &ticket, None).await?;
+                        self.write(kube, &node, &ticket, None, &mut opening, p)
+                            .await?;
                         self.audit_step(p, Some(index), step.action(), "Running", &message);
                     }
                     return Ok(());
@@ -527,7 +544,10 @@ impl Executor {
                             None,
                         ),
                     );
-                    let Some(node) = self.write(kube, &node, &ticket, None).await? else {
+                    let Some(node) = self
+                        .write(kube, &node, &ticket, None, &mut opening, p)
+                        .await?
+                    else {
                         continue;
                     };
                     self.metrics
@@ -564,7 +584,7 @@ impl Executor {
         ticket.status = TicketStatus::Resolved;
         ticket.closed_at = Some(now);
         ticket.blocked = None;
-        if let Some(node) = self.write(kube, node, &ticket, None).await? {
+        if let Some(node) = self.write(kube, node, &ticket, None, &mut None, p).await? {
             let secs = (now.as_second() - ticket.created_at.as_second()).max(0) as f64;
             self.metrics.selfheal_duration.observe(secs);
             self.metrics
@@ -592,6 +612,8 @@ impl Executor {
         node: &Node,
         ticket: &Ticket,
         extra: Option<Value>,
+        opening: &mut Option<String>,
+        p: &NodePlan,
     ) -> Result<Option<Node>> {
         let name = node.metadata.name.clone().unwrap_or_default();
         let mut patch = ticket_patch(&name, ticket)?;
@@ -609,7 +631,19 @@ impl Executor {
         let pp = PatchParams::default();
         let pa = Patch::Merge(&patch);
         match kube.call("patch node", || api.patch(&name, &pp, &pa)).await {
-            Ok(n) => Ok(Some(n)),
+            Ok(n) => {
+                if let Some(msg) = opening.take() {
+                    self.audit_step(p, None, "Open", "Created", &msg);
+                    kube.event(
+                        &self.config.events_namespace,
+                        &n,
+                        true,
+                        "RemediationStarted",
+                        &msg,
+                    );
+                }
+                Ok(Some(n))
+            }
             Err(e) if e.api_status() == Some(409) => {
                 kube.metrics
                     .kube_retries

@@ -170,20 +170,16 @@ impl Kube {
         })
     }
 
-    /// One consistent view of all nodes for the planner.
-    pub async fn cluster_view(&self) -> Result<ClusterView> {
+    /// All nodes, as one consistent read.
+    pub async fn list_nodes(&self) -> Result<Vec<Node>> {
         let api = self.nodes();
         let lp = ListParams::default();
-        let list = self.call("list nodes", || api.list(&lp)).await?;
-        let nodes = list
-            .items
-            .iter()
-            .map(|n| {
-                let v = node_view(n);
-                (v.name.clone(), v)
-            })
-            .collect();
-        Ok(ClusterView { nodes, live: true })
+        Ok(self.call("list nodes", || api.list(&lp)).await?.items)
+    }
+
+    /// One consistent view of all nodes for the planner.
+    pub async fn cluster_view(&self) -> Result<ClusterView> {
+        Ok(view_of(&self.list_nodes().await?))
     }
 
     /// Posts a core/v1 Event about `node` in the background (a step does not wait for it).
@@ -228,6 +224,20 @@ impl Kube {
                 tracing::warn!(node = %name, reason, error = %e, "Event not recorded");
             }
         });
+    }
+}
+
+/// The planner's view of a node list.
+pub fn view_of(nodes: &[Node]) -> ClusterView {
+    ClusterView {
+        nodes: nodes
+            .iter()
+            .map(|n| {
+                let v = node_view(n);
+                (v.name.clone(), v)
+            })
+            .collect(),
+        live: true,
     }
 }
 
