@@ -1142,15 +1142,20 @@ fn metric_names_are_in_the_contract() -> Result<()> {
     );
 
     let mut golden = BTreeSet::new();
-    let mut golden_files = Vec::new();
-    for g in [
-        "exporter/tests/golden/metrics.txt",
-        "healer/tests/golden/metrics.txt",
-    ] {
-        let path = root.join(g);
-        if path.exists() {
+    let mut golden_files: Vec<String> = Vec::new();
+    // Every golden /metrics file: the replay's, and each collector's (nvml, ebpf, host, ...).
+    for dir in ["exporter/tests/golden", "healer/tests/golden"] {
+        let mut files: Vec<_> = std::fs::read_dir(root.join(dir))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+            .collect();
+        files.sort();
+        for path in files {
             golden.extend(exposition_names(&read(&path)?));
-            golden_files.push(g);
+            golden_files.push(rel(&path));
         }
     }
     let golden_desc = if golden_files.is_empty() {

@@ -363,50 +363,73 @@ impl State {
             self.totals
                 .update(&flows, |cg| keys.get(&cg).cloned().unwrap_or_default());
         }
-        families.push(family(
+        let named: BTreeMap<(String, IoOp), IoHistogram> = match probes.io_histograms() {
+            Ok(hists) => hists
+                .into_iter()
+                .take(MAX_IO_SERIES)
+                .map(|((dev, op), h)| ((self.devname(dev), op), h))
+                .collect(),
+            Err(_) => BTreeMap::new(),
+        };
+        families.extend(build_families(&Readings {
+            retransmits: self.totals.totals(),
+            io: &named,
+            lost: probes.lost(),
+            unparsed: self.unparsed,
+            attached: &probes.attached,
+        }));
+        families
+    }
+}
+
+/// What one poll read, ready to become metric families.
+struct Readings<'a> {
+    retransmits: &'a BTreeMap<(String, String), u64>,
+    io: &'a BTreeMap<(String, IoOp), IoHistogram>,
+    lost: u64,
+    unparsed: u64,
+    attached: &'a [(&'static str, &'static str)],
+}
+
+/// The collector's metric families (pure: the golden test drives it).
+fn build_families(r: &Readings<'_>) -> Vec<MetricFamily> {
+    vec![
+        family(
             "ark_tcp_retransmits_total",
             "TCP segments retransmitted, by the pod owning the socket (pod=\"\" for host processes).",
             MetricType::COUNTER,
-            self.totals.totals().iter().map(|((pod, ns), v)| {
+            r.retransmits.iter().map(|((pod, ns), v)| {
                 (
                     vec![("pod", pod.clone()), ("namespace", ns.clone())],
                     *v as f64,
                 )
             }),
-        ));
-        if let Ok(hists) = probes.io_histograms() {
-            let named: BTreeMap<(String, IoOp), IoHistogram> = hists
-                .into_iter()
-                .take(MAX_IO_SERIES)
-                .map(|((dev, op), h)| ((self.devname(dev), op), h))
-                .collect();
-            families.push(io_family(&named));
-        }
-        families.push(family(
+        ),
+        io_family(r.io),
+        family(
             "ark_ebpf_events_lost_total",
             "Ring-buffer records the kernel dropped because userspace was behind.",
             MetricType::COUNTER,
-            [(Vec::new(), probes.lost() as f64)],
-        ));
-        families.push(family(
+            [(Vec::new(), r.lost as f64)],
+        ),
+        family(
             "ark_ebpf_records_unparsed_total",
             "Ring-buffer records userspace could not parse (kernel object newer than userspace).",
             MetricType::COUNTER,
-            [(Vec::new(), self.unparsed as f64)],
-        ));
-        families.push(family(
+            [(Vec::new(), r.unparsed as f64)],
+        ),
+        family(
             "ark_ebpf_program_attached",
             "1 for each attached BPF program, by attach point.",
             MetricType::GAUGE,
-            probes.attached.iter().map(|(p, a)| {
+            r.attached.iter().map(|(p, a)| {
                 (
                     vec![("program", (*p).to_owned()), ("attach", (*a).to_owned())],
                     1.0,
                 )
             }),
-        ));
-        families
-    }
+        ),
+    ]
 }
 
 fn flow_str(f: &Flow) -> String {
@@ -515,6 +538,63 @@ mod tests {
             b.last().unwrap().cumulative_count(),
             5,
             "the +Inf sample is only in count"
+        );
+    }
+
+    /// The families as `/metrics` shows them, against `exporter/tests/golden/ebpf_metrics.txt`
+    /// (`ARK_UPDATE_GOLDEN=1` regenerates it), and through `promtool check metrics`.
+    #[test]
+    fn golden_metrics() {
+        let mut retransmits = BTreeMap::new();
+        retransmits.insert((String::new(), String::new()), 3);
+        retransmits.insert(("trainer-0".to_owned(), "ml".to_owned()), 57);
+        let mut io = BTreeMap::new();
+        let mut h = IoHistogram::default();
+        h.buckets[7] = 90; // ≤ 128 µs
+        h.buckets[12] = 9; // ≤ 4 ms
+        h.buckets[18] = 1; // ≤ 262 ms: a slow one
+        h.sum_ns = 310_000_000;
+        io.insert(("nvme0n1".to_owned(), IoOp::Write), h);
+        let attached = [("tcp_retransmit", "tp_btf/tcp_retransmit_skb")];
+        let t = crate::metrics::Telemetry::new("golden").unwrap();
+        t.snapshots.publish(
+            "ebpf",
+            build_families(&Readings {
+                retransmits: &retransmits,
+                io: &io,
+                lost: 0,
+                unparsed: 0,
+                attached: &attached,
+            }),
+        );
+        let text: String = t
+            .encode()
+            .lines()
+            .filter(|l| {
+                l.contains("ark_tcp_") || l.contains("ark_block_") || l.contains("ark_ebpf_")
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/ebpf_metrics.txt");
+        if std::env::var("ARK_UPDATE_GOLDEN").is_ok_and(|v| v == "1") {
+            std::fs::write(&path, &text).unwrap();
+        }
+        assert_eq!(
+            text,
+            std::fs::read_to_string(&path).unwrap_or_default(),
+            "{}",
+            path.display()
+        );
+        let out = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::fs::File::open(&path).unwrap())
+            .output()
+            .expect("promtool (Debian package prometheus) runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
         );
     }
 
