@@ -17,7 +17,7 @@ use crate::rules::format::DurationSpec;
 use crate::{Error, Result};
 
 /// Top-level keys, used to pick our variables out of `ARK_*` (other tools use that prefix too).
-const TOP_KEYS: [&str; 7] = [
+const TOP_KEYS: [&str; 8] = [
     "probes",
     "rules_dir",
     "collectors",
@@ -25,6 +25,7 @@ const TOP_KEYS: [&str; 7] = [
     "rules",
     "pipeline",
     "probe",
+    "host",
 ];
 
 /// An external probe: a path, or `{path, args, name}`.
@@ -174,6 +175,8 @@ pub struct Config {
     pub rules: RulesSection,
     pub pipeline: PipelineSection,
     pub probe: ProbeSection,
+    /// `[host]`: procfs/sysfs collectors and pod attribution.
+    pub host: crate::collectors::host::HostConfig,
 }
 
 fn ms(d: DurationSpec) -> Duration {

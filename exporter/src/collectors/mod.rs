@@ -22,7 +22,14 @@
 //! Enabling: each kind has a default; the config's `[collectors]` table (`probe = false`) and the
 //! `--collector NAME` / `--no-collector NAME` flags override it, flags last.
 
+pub mod block;
+pub mod host;
+pub mod infiniband;
+pub mod netdev;
+pub mod pods;
+pub mod pressure;
 pub mod probe;
+pub mod process;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,6 +37,7 @@ use std::pin::Pin;
 use crate::config::Config;
 use crate::metrics::{CollectorStatus, Telemetry};
 use crate::pipeline::EventSender;
+use crate::pods::PodResolver;
 
 /// What [`Collector::run`] returns.
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -39,15 +47,41 @@ pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 pub enum CollectorKind {
     /// External probes (`--probe PATH`) speaking the Ark JSON Lines protocol.
     Probe,
+    /// `/proc/net/dev` + `/sys/class/net` ([`netdev`]).
+    Netdev,
+    /// `/sys/class/infiniband` ([`infiniband`]).
+    Infiniband,
+    /// `/proc/diskstats` ([`block`]).
+    Block,
+    /// `/proc/pressure` ([`pressure`]).
+    Pressure,
+    /// Processes holding GPUs, RDMA devices or sockets ([`process`]).
+    Process,
+    /// Kubernetes watch of this node's pods for attribution ([`pods`]).
+    Pods,
 }
 
 impl CollectorKind {
-    pub const ALL: &'static [CollectorKind] = &[CollectorKind::Probe];
+    pub const ALL: &'static [CollectorKind] = &[
+        CollectorKind::Probe,
+        CollectorKind::Netdev,
+        CollectorKind::Infiniband,
+        CollectorKind::Block,
+        CollectorKind::Pressure,
+        CollectorKind::Process,
+        CollectorKind::Pods,
+    ];
 
     /// The `collector` label and the flag/config name.
     pub fn name(self) -> &'static str {
         match self {
             CollectorKind::Probe => "probe",
+            CollectorKind::Netdev => "netdev",
+            CollectorKind::Infiniband => "infiniband",
+            CollectorKind::Block => "block",
+            CollectorKind::Pressure => "pressure",
+            CollectorKind::Process => "process",
+            CollectorKind::Pods => "pods",
         }
     }
 
@@ -55,6 +89,13 @@ impl CollectorKind {
     pub fn default_enabled(self) -> bool {
         match self {
             CollectorKind::Probe => true,
+            // Host collectors whose files are absent report `up 0` and cost nothing.
+            CollectorKind::Netdev
+            | CollectorKind::Infiniband
+            | CollectorKind::Block
+            | CollectorKind::Pressure
+            | CollectorKind::Process
+            | CollectorKind::Pods => true,
         }
     }
 
@@ -66,6 +107,22 @@ impl CollectorKind {
     pub fn build(self, cfg: &Config) -> crate::Result<Box<dyn Collector>> {
         Ok(match self {
             CollectorKind::Probe => Box::new(probe::ProbeCollector::new(cfg)),
+            CollectorKind::Netdev => {
+                host::collector(self, cfg, |h, _| Box::new(netdev::NetdevCollector::new(h)))
+            }
+            CollectorKind::Infiniband => host::collector(self, cfg, |h, _| {
+                Box::new(infiniband::InfinibandCollector::new(h))
+            }),
+            CollectorKind::Block => {
+                host::collector(self, cfg, |h, _| Box::new(block::BlockCollector::new(h)))
+            }
+            CollectorKind::Pressure => host::collector(self, cfg, |h, _| {
+                Box::new(pressure::PressureCollector::new(h))
+            }),
+            CollectorKind::Process => host::collector(self, cfg, |h, pods| {
+                Box::new(process::ProcessCollector::new(h, pods))
+            }),
+            CollectorKind::Pods => Box::new(pods::PodsCollector::new(cfg)),
         })
     }
 }
@@ -84,6 +141,9 @@ pub struct CollectorContext {
     pub telemetry: Telemetry,
     pub status: CollectorStatus,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Pod attribution shared by all collectors (see [`crate::pods`]); `serve` installs one
+    /// resolver for all of them with [`CollectorContext::with_pods`].
+    pub pods: PodResolver,
 }
 
 impl CollectorContext {
@@ -99,7 +159,14 @@ impl CollectorContext {
             telemetry: telemetry.clone(),
             status: telemetry.collector(kind.name()),
             shutdown,
+            pods: PodResolver::new(std::path::Path::new("/sys")),
         }
+    }
+
+    /// Uses `pods` (shared with the other collectors) for attribution.
+    pub fn with_pods(mut self, pods: PodResolver) -> Self {
+        self.pods = pods;
+        self
     }
 }
 
@@ -144,18 +211,14 @@ mod tests {
     #[test]
     fn enable_disable_order() {
         let mut cfg = Config::default();
-        assert_eq!(enabled(&cfg, &[], &[]).unwrap(), [CollectorKind::Probe]);
+        let probe_on = |v: Vec<CollectorKind>| v.contains(&CollectorKind::Probe);
+        assert!(probe_on(enabled(&cfg, &[], &[]).unwrap()));
         cfg.collectors.insert("probe".into(), false);
-        assert!(enabled(&cfg, &[], &[]).unwrap().is_empty());
-        assert_eq!(
-            enabled(&cfg, &["probe".into()], &[]).unwrap(),
-            [CollectorKind::Probe]
-        );
-        assert!(
-            enabled(&cfg, &["probe".into()], &["probe".into()])
-                .unwrap()
-                .is_empty()
-        );
+        assert!(!probe_on(enabled(&cfg, &[], &[]).unwrap()));
+        assert!(probe_on(enabled(&cfg, &["probe".into()], &[]).unwrap()));
+        assert!(!probe_on(
+            enabled(&cfg, &["probe".into()], &["probe".into()]).unwrap()
+        ));
         assert!(enabled(&cfg, &["nope".into()], &[]).is_err());
     }
 }
