@@ -356,6 +356,72 @@ impl Collector for HostCollector {
     }
 }
 
+/// Every host collector over one `[host]` configuration, polled in-line: what the golden test
+/// and `ark-exporter bench host` use (the service runs each on its own loop instead).
+pub struct HostSet {
+    sources: Vec<(CollectorKind, Box<dyn HostSource>)>,
+}
+
+impl HostSet {
+    /// The procfs/sysfs collectors, in [`CollectorKind::ALL`] order.
+    pub fn new(cfg: &HostConfig, pods: &PodResolver) -> Self {
+        let p = pods.clone();
+        HostSet {
+            sources: vec![
+                (
+                    CollectorKind::Netdev,
+                    Box::new(super::netdev::NetdevCollector::new(cfg)),
+                ),
+                (
+                    CollectorKind::Infiniband,
+                    Box::new(super::infiniband::InfinibandCollector::new(cfg)),
+                ),
+                (
+                    CollectorKind::Block,
+                    Box::new(super::block::BlockCollector::new(cfg)),
+                ),
+                (
+                    CollectorKind::Pressure,
+                    Box::new(super::pressure::PressureCollector::new(cfg)),
+                ),
+                (
+                    CollectorKind::Process,
+                    Box::new(super::process::ProcessCollector::new(cfg, p)),
+                ),
+            ],
+        }
+    }
+
+    /// Polls every source once.
+    pub fn poll(&mut self, now_ms: i64) -> Vec<(CollectorKind, Result<PollOutput, PollError>)> {
+        self.sources
+            .iter_mut()
+            .map(|(k, s)| (*k, s.poll(now_ms)))
+            .collect()
+    }
+
+    /// Polls every source once and publishes like the service does (families, `up`); returns
+    /// the events.
+    pub fn poll_into(&mut self, now_ms: i64, telemetry: &crate::metrics::Telemetry) -> Vec<Event> {
+        let mut events = Vec::new();
+        for (kind, res) in self.poll(now_ms) {
+            let status = telemetry.collector(kind.name());
+            match res {
+                Ok(out) => {
+                    status.set_up(true);
+                    telemetry.snapshots.publish(kind.name(), out.families);
+                    events.extend(out.events);
+                }
+                Err(_) => {
+                    status.set_up(false);
+                    telemetry.snapshots.publish(kind.name(), Vec::new());
+                }
+            }
+        }
+        events
+    }
+}
+
 /// Runs `source` every `interval` until shutdown: publishes its families under `name`, sends its
 /// events, and keeps `ark_collector_up` / `ark_collector_duration_seconds` current. A collector
 /// whose files are absent logs that once (one clear line) and reports `up 0`.

@@ -456,13 +456,13 @@ impl HostSource for InfinibandCollector {
             families.push(family(fam, help, MetricType::COUNTER, take(fam)));
         }
         families.push(family(
-            "ark_ib_port_counter_total",
+            "ark_ib_port_other_events_total",
             "Other counters of counters/ of an InfiniBand port, by file name.",
             MetricType::COUNTER,
             other_port,
         ));
         families.push(family(
-            "ark_ib_hw_counter_total",
+            "ark_ib_hw_events_total",
             "Other driver counters of hw_counters/ of an InfiniBand/RoCE port, by file name.",
             MetricType::COUNTER,
             other_hw,
