@@ -25,6 +25,8 @@ pub enum BenchCommand {
     Rules(RulesArgs),
     /// JSON Lines parsing: lines/s.
     Parse(ParseArgs),
+    /// One full collection of every procfs/sysfs host collector: median/p90 ms.
+    Host(crate::collectors::host::HostBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -157,6 +159,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::ErrorFanout(a) => bench_fanout(a),
         BenchCommand::Rules(a) => bench_rules(a),
         BenchCommand::Parse(a) => bench_parse(a),
+        BenchCommand::Host(a) => print(crate::collectors::host::bench(&a)),
     }
 }
 
