@@ -21,6 +21,7 @@ use kube::runtime::watcher::{self, Event as WatchEvent};
 use super::host::HostConfig;
 use super::{BoxFuture, Collector, CollectorContext};
 use crate::config::Config;
+use crate::metrics::CollectorStatus;
 use crate::pods::{ClusterState, PodResolver};
 use crate::ratelimit::LogLimiter;
 
@@ -69,7 +70,8 @@ pub async fn client(host: &HostConfig) -> crate::Result<Option<kube::Client>> {
 pub async fn watch(
     host: &HostConfig,
     resolver: &PodResolver,
-    ctx: &mut CollectorContext,
+    status: &CollectorStatus,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
     log_interval: Duration,
 ) {
     let node = host.node_name.clone().unwrap_or_default();
@@ -77,7 +79,7 @@ pub async fn watch(
         Ok(Some(c)) => c,
         Ok(None) => {
             resolver.set_cluster_state(ClusterState::NoCluster);
-            ctx.status.set_up(false);
+            status.set_up(false);
             tracing::info!(
                 "No Kubernetes cluster configured (no --kubeconfig, KUBECONFIG, ~/.kube/config or in-cluster service account): pod attribution stops at the pod UID"
             );
@@ -85,7 +87,7 @@ pub async fn watch(
         }
         Err(e) => {
             resolver.set_cluster_state(ClusterState::NoCluster);
-            ctx.status.set_up(false);
+            status.set_up(false);
             tracing::warn!(error = %e, "Kubernetes client not configured: pod attribution stops at the pod UID");
             return;
         }
@@ -105,7 +107,7 @@ pub async fn watch(
     loop {
         let next = tokio::select! {
             n = stream.next() => n,
-            _ = ctx.shutdown.changed() => return,
+            _ = shutdown.changed() => return,
         };
         let t0 = Instant::now();
         match next {
@@ -116,7 +118,7 @@ pub async fn watch(
                 WatchEvent::Delete(p) => resolver.delete_pod(&p),
                 WatchEvent::InitDone => {
                     resolver.end_resync();
-                    ctx.status.set_up(true);
+                    status.set_up(true);
                     if !synced_once {
                         tracing::info!(node = %node, pods = resolver.pod_count(), "Pod watch synced: pod attribution on");
                         synced_once = true;
@@ -124,22 +126,28 @@ pub async fn watch(
                 }
             },
             Some(Err(e)) => {
-                ctx.status.set_up(false);
+                status.set_up(false);
                 if let Some(suppressed) = err_log.allow(Instant::now()) {
                     tracing::warn!(node = %node, error = %e, suppressed, "Pod watch failed; retrying with backoff");
                 }
             }
         }
-        ctx.status.set_duration(t0.elapsed().as_secs_f64());
+        status.set_duration(t0.elapsed().as_secs_f64());
     }
 }
 
 impl Collector for PodsCollector {
-    fn run(self: Box<Self>, mut ctx: CollectorContext) -> BoxFuture {
+    fn run(self: Box<Self>, ctx: CollectorContext) -> BoxFuture {
         Box::pin(async move {
-            let resolver = ctx.pods.clone();
             ctx.status.set_up(false);
-            watch(&self.host, &resolver, &mut ctx, self.log_interval).await;
+            watch(
+                &self.host,
+                &ctx.pods,
+                &ctx.status,
+                ctx.shutdown.clone(),
+                self.log_interval,
+            )
+            .await;
         })
     }
 }
