@@ -11,7 +11,7 @@ use figment::providers::{Env, Format, Toml, Yaml};
 use serde::Deserialize;
 
 use crate::graph::GraphLimits;
-use crate::pipeline::PipelineConfig;
+use crate::pipeline::{PipelineConfig, TimestampPolicy};
 use crate::rules::EngineConfig;
 use crate::rules::format::DurationSpec;
 use crate::{Error, Result};
@@ -118,6 +118,10 @@ pub struct PipelineSection {
     pub queue_capacity: usize,
     pub max_future_skew: DurationSpec,
     pub max_past: DurationSpec,
+    /// `clamp` (default) or `drop` events with out-of-range timestamps.
+    pub timestamp_policy: TimestampPolicy,
+    /// RSS cap in bytes: above it the graph sheds its oldest quarter (0: off).
+    pub max_rss_bytes: u64,
     pub replay_max_gap: DurationSpec,
     pub series_budget: usize,
     pub walk_budget: usize,
@@ -133,6 +137,8 @@ impl Default for PipelineSection {
             queue_capacity: d.queue_capacity,
             max_future_skew: DurationSpec(d.max_future_ms),
             max_past: DurationSpec(d.max_past_ms),
+            timestamp_policy: d.timestamp_policy,
+            max_rss_bytes: d.max_rss_bytes,
             replay_max_gap: DurationSpec(d.replay_max_gap_ms),
             series_budget: d.series_budget,
             walk_budget: d.walk_budget,
@@ -229,6 +235,8 @@ impl Config {
             max_future_ms: p.max_future_skew.0,
             replay_max_gap_ms: p.replay_max_gap.0,
             max_past_ms: p.max_past.0,
+            timestamp_policy: p.timestamp_policy,
+            max_rss_bytes: p.max_rss_bytes,
             series_budget: p.series_budget,
             walk_budget: p.walk_budget,
             queue_capacity: p.queue_capacity,

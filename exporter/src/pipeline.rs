@@ -29,6 +29,17 @@ pub enum Clock {
     EventTime,
 }
 
+/// What happens to an event whose timestamp is too far ahead of or behind the clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestampPolicy {
+    /// Apply it with the clock's current time instead (counted in `ark_events_clamped_total`).
+    /// A probe with a wrong clock still feeds the graph, and cannot move time for everyone.
+    Clamp,
+    /// Drop it (counted in `ark_events_dropped_total{reason="timestamp_future|timestamp_past"}`).
+    Drop,
+}
+
 /// Pipeline knobs (the `[pipeline]`, `[graph]` and `[rules]` sections of the config).
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -38,8 +49,11 @@ pub struct PipelineConfig {
     pub max_future_ms: i64,
     /// Replay only: largest forward jump of event time accepted.
     pub replay_max_gap_ms: i64,
-    /// Events older than this (relative to the clock) are dropped (`timestamp_past`).
+    /// Events older than this (relative to the clock) are clamped or dropped (`timestamp_past`).
     pub max_past_ms: i64,
+    pub timestamp_policy: TimestampPolicy,
+    /// RSS above which the graph sheds its oldest quarter on the next tick (0: off).
+    pub max_rss_bytes: u64,
     /// Most causal series (`ark_waits_on` + `ark_blocked_by` + `ark_root_cause` +
     /// `ark_scene_active`) exported.
     pub series_budget: usize,
@@ -59,6 +73,8 @@ impl Default for PipelineConfig {
             max_future_ms: 5 * 60_000,
             replay_max_gap_ms: 24 * 3_600_000,
             max_past_ms: 3_600_000,
+            timestamp_policy: TimestampPolicy::Clamp,
+            max_rss_bytes: 256 * 1024 * 1024,
             series_budget: 2000,
             walk_budget: 200_000,
             queue_capacity: 65_536,
@@ -67,6 +83,14 @@ impl Default for PipelineConfig {
             log_interval: Duration::from_secs(10),
         }
     }
+}
+
+/// Current resident set size, from /proc/self/statm (0 when unavailable).
+pub fn current_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
 }
 
 fn wall_ms() -> i64 {
@@ -101,6 +125,10 @@ pub struct Pipeline {
     dropped: DropCounters,
     limiters: Vec<(&'static str, LogLimiter)>,
     rules_rejected: usize,
+    /// Events clamped: [future, past].
+    clamped: [u64; 2],
+    /// Nodes shed because RSS went over `max_rss_bytes`.
+    shed: u64,
     /// Set when something changed since the last snapshot.
     dirty: bool,
     stats: ReplayStats,
@@ -135,6 +163,8 @@ impl Pipeline {
             dropped,
             limiters: Vec::new(),
             rules_rejected,
+            clamped: [0; 2],
+            shed: 0,
             dirty: true,
             stats: ReplayStats::default(),
         }
@@ -188,18 +218,49 @@ impl Pipeline {
             Clock::Wall => wall_ms(),
             Clock::EventTime => self.graph.now(),
         };
-        let future = match self.clock {
-            Clock::Wall => self.cfg.max_future_ms,
-            Clock::EventTime => self.cfg.replay_max_gap_ms,
+        // Nothing, recorded or live, can come from the future of the wall clock: this also keeps
+        // a bogus first line of a replay from setting the replay clock.
+        let wall_limit = wall_ms().saturating_add(self.cfg.max_future_ms);
+        let limit = match self.clock {
+            Clock::Wall => wall_limit,
+            Clock::EventTime if now == i64::MIN => wall_limit,
+            Clock::EventTime => now
+                .saturating_add(self.cfg.replay_max_gap_ms)
+                .min(wall_limit),
         };
+        if now == i64::MIN && ev.ts > limit {
+            // First event of a replay and already absurd: no clock to clamp to.
+            return self.drop_event(
+                "timestamp_future",
+                source,
+                &format_args!("ts {} is in the future", ev.ts),
+            );
+        }
         if now != i64::MIN {
-            if ev.ts > now.saturating_add(future) {
-                let d = format!("ts {} is {} ms ahead", ev.ts, ev.ts - now);
-                return self.drop_event("timestamp_future", source, &d);
-            }
-            if ev.ts < now.saturating_sub(self.cfg.max_past_ms) {
-                let d = format!("ts {} is {} ms behind", ev.ts, now - ev.ts);
-                return self.drop_event("timestamp_past", source, &d);
+            let off = if ev.ts > limit {
+                Some((
+                    "timestamp_future",
+                    0,
+                    format!("ts {} is {} ms ahead", ev.ts, ev.ts - now),
+                ))
+            } else if ev.ts < now.saturating_sub(self.cfg.max_past_ms) {
+                Some((
+                    "timestamp_past",
+                    1,
+                    format!("ts {} is {} ms behind", ev.ts, now - ev.ts),
+                ))
+            } else {
+                None
+            };
+            if let Some((reason, i, detail)) = off {
+                if self.cfg.timestamp_policy == TimestampPolicy::Drop {
+                    return self.drop_event(reason, source, &detail);
+                }
+                self.clamped[i] += 1;
+                self.log_drop(reason, source, &format_args!("{detail}; clamped to {now}"));
+                let mut ev = ev.clone();
+                ev.ts = now;
+                return self.apply(&ev, source);
             }
         }
         self.apply(ev, source);
@@ -232,6 +293,19 @@ impl Pipeline {
             Clock::EventTime => self.graph.now(),
         });
         self.graph.advance(now);
+        if self.cfg.max_rss_bytes > 0 && self.clock == Clock::Wall {
+            let rss = current_rss_bytes();
+            if rss > self.cfg.max_rss_bytes {
+                let target = self.graph.total_nodes() * 3 / 4;
+                let shed = self.graph.shrink_to(target);
+                self.shed += shed as u64;
+                self.log_drop(
+                    "memory",
+                    "graph",
+                    &format_args!("RSS {rss} bytes over the cap, shed {shed} oldest nodes"),
+                );
+            }
+        }
         if let Some(engine) = self.engine.as_mut() {
             self.changes.clear();
             self.changes.extend(self.graph.drain_changes());
@@ -312,6 +386,22 @@ impl Pipeline {
                     v as f64,
                 )
             }),
+        ));
+        fams.push(family(
+            "ark_events_clamped_total",
+            "Events applied with the clock's time because theirs was too far ahead or behind.",
+            MetricType::COUNTER,
+            [
+                ("timestamp_future", self.clamped[0]),
+                ("timestamp_past", self.clamped[1]),
+            ]
+            .map(|(r, v)| (vec![("reason", r.to_owned())], v as f64)),
+        ));
+        fams.push(family(
+            "ark_graph_shed_nodes_total",
+            "Graph nodes evicted because the process RSS went over pipeline.max_rss.",
+            MetricType::COUNTER,
+            [(vec![], self.shed as f64)],
         ));
         let mut rows = Vec::new();
         for (source, counts) in &self.counts {
@@ -553,6 +643,20 @@ pub struct Running {
     pub thread: std::thread::JoinHandle<()>,
 }
 
+/// A bounded event channel without a pipeline behind it (tests, tools). The receiver gets
+/// [`Msg`]s; [`spawn`] uses the same channel.
+pub fn channel(capacity: usize, dropped: DropCounters) -> (EventSender, Receiver<Msg>) {
+    let (tx, rx) = std::sync::mpsc::sync_channel(capacity.max(1));
+    (
+        EventSender {
+            tx,
+            dropped,
+            source: "probe",
+        },
+        rx,
+    )
+}
+
 /// Moves the pipeline onto its own thread.
 pub fn spawn(mut p: Pipeline, telemetry: Telemetry) -> std::io::Result<Running> {
     let (tx, rx) = std::sync::mpsc::sync_channel(p.cfg.queue_capacity.max(16));
@@ -580,11 +684,15 @@ pub fn spawn(mut p: Pipeline, telemetry: Telemetry) -> std::io::Result<Running> 
 fn run(p: &mut Pipeline, rx: &Receiver<Msg>, telemetry: &Telemetry) {
     let mut next_tick = Instant::now() + p.cfg.tick_interval;
     let mut last_publish = Instant::now();
+    // Gap between snapshots: the configured interval, stretched so that building snapshots
+    // (which resolves root causes, bounded by walk_budget) never takes more than ~20 % of the
+    // pipeline thread under a continuous event flow.
+    let mut gap = p.cfg.publish_interval;
     loop {
         let now = Instant::now();
         let mut deadline = next_tick;
         if p.dirty {
-            deadline = deadline.min(last_publish + p.cfg.publish_interval);
+            deadline = deadline.min(last_publish + gap);
         }
         let msg = match rx.recv_timeout(deadline.saturating_duration_since(now)) {
             Ok(m) => Some(m),
@@ -616,14 +724,133 @@ fn run(p: &mut Pipeline, rx: &Receiver<Msg>, telemetry: &Telemetry) {
             p.tick(None);
             next_tick = now + p.cfg.tick_interval;
         }
-        if p.dirty && now >= last_publish + p.cfg.publish_interval {
+        if p.dirty && now >= last_publish + gap {
             let t0 = Instant::now();
             p.publish(telemetry);
             last_publish = now;
             let took = t0.elapsed();
+            gap = p.cfg.publish_interval.max(took * 4);
             if took > Duration::from_millis(100) {
                 tracing::debug!(ms = took.as_millis() as u64, "Slow snapshot");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(ts: i64) -> Event {
+        Event {
+            ts,
+            event_type: EventType::ComputeUtil,
+            entity_id: "gpu-0".into(),
+            job_id: None,
+            pid: Some(1),
+            value: "1".into(),
+            node_id: None,
+            pod: None,
+            namespace: None,
+        }
+    }
+
+    #[test]
+    fn timestamps_far_off_are_clamped_or_dropped() {
+        let t = Telemetry::new("n").unwrap();
+        let mut p = Pipeline::new(
+            PipelineConfig::default(),
+            Clock::EventTime,
+            None,
+            t.dropped.clone(),
+        );
+        let base = 1_700_000_000_000;
+        p.handle_event(&ev(base), "test");
+        p.handle_event(&ev(base + 30 * 86_400_000), "test");
+        p.handle_event(&ev(base - 2 * 3_600_000), "test");
+        assert_eq!(p.clamped, [1, 1]);
+        assert_eq!(
+            p.graph().now(),
+            base,
+            "a clamped event does not move the clock"
+        );
+        // A replay whose first line is beyond the wall clock has no clock to clamp to: dropped.
+        let mut p = Pipeline::new(
+            PipelineConfig::default(),
+            Clock::EventTime,
+            None,
+            t.dropped.clone(),
+        );
+        p.handle_event(&ev(wall_ms() + 86_400_000), "test");
+        assert_eq!(t.dropped.get("timestamp_future"), 1);
+        assert_eq!(p.graph().total_nodes(), 0);
+        let cfg = PipelineConfig {
+            timestamp_policy: TimestampPolicy::Drop,
+            ..PipelineConfig::default()
+        };
+        let mut p = Pipeline::new(cfg, Clock::Wall, None, t.dropped.clone());
+        p.handle_event(&ev(wall_ms() + 86_400_000), "test");
+        p.handle_event(&ev(0), "test");
+        p.handle_event(&ev(wall_ms()), "test");
+        assert_eq!(t.dropped.get("timestamp_future"), 2);
+        assert_eq!(t.dropped.get("timestamp_past"), 1);
+        assert_eq!(p.stats.accepted, 1);
+    }
+
+    #[test]
+    fn bad_lines_are_counted_by_reason_and_never_stop_the_pipeline() {
+        let t = Telemetry::new("n").unwrap();
+        let mut p = Pipeline::new(
+            PipelineConfig::default(),
+            Clock::EventTime,
+            Some(&[]),
+            t.dropped.clone(),
+        );
+        let lines: Vec<Vec<u8>> = vec![
+            b"{".to_vec(),
+            b"\xff\xfe".to_vec(),
+            br#"{"ts":1,"event_type":"x.y","entity_id":"g","value":"1"}"#.to_vec(),
+            br#"{"ts":1,"event_type":"compute.util","value":"1"}"#.to_vec(),
+            vec![b'a'; crate::event::MAX_LINE_BYTES + 10],
+            br#"{"ts":1700000000000,"event_type":"compute.util","entity_id":"g","value":"1"}"#
+                .to_vec(),
+        ];
+        for _ in 0..1000 {
+            for l in &lines {
+                p.handle_line(l, "test");
+            }
+        }
+        for r in [
+            "malformed_json",
+            "invalid_utf8",
+            "unknown_event_type",
+            "missing_field",
+            "oversized_line",
+        ] {
+            assert_eq!(t.dropped.get(r), 1000, "{r}");
+        }
+        assert_eq!(p.stats.accepted, 1000);
+    }
+
+    #[test]
+    fn shrink_keeps_the_newest() {
+        let t = Telemetry::new("n").unwrap();
+        let mut p = Pipeline::new(
+            PipelineConfig::default(),
+            Clock::EventTime,
+            None,
+            t.dropped.clone(),
+        );
+        for i in 0..100u32 {
+            let mut e = ev(1_700_000_000_000 + i64::from(i));
+            e.pid = Some(i);
+            p.apply(&e, "test");
+        }
+        let before = p.graph.total_nodes();
+        let shed = p.graph.shrink_to(before / 2);
+        assert_eq!(p.graph().total_nodes(), before / 2);
+        assert!(shed > 0);
+        assert!(p.graph().process(99).is_some());
+        assert!(p.graph().process(0).is_none());
     }
 }

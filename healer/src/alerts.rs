@@ -255,6 +255,8 @@ pub enum Applied {
 #[derive(Debug, Default)]
 pub struct AlertStore {
     alerts: HashMap<String, Alert>,
+    /// When each entry was last changed here (not Alertmanager's times, which may be old).
+    received: HashMap<String, Timestamp>,
     max_entries: usize,
 }
 
@@ -262,6 +264,7 @@ impl AlertStore {
     pub fn new(max_entries: usize) -> Self {
         AlertStore {
             alerts: HashMap::new(),
+            received: HashMap::new(),
             max_entries,
         }
     }
@@ -289,20 +292,27 @@ impl AlertStore {
                 }
             }
         }
+        self.received
+            .insert(alert.fingerprint.clone(), Timestamp::now());
         self.alerts.insert(alert.fingerprint.clone(), alert);
         Applied::Changed
     }
 
     fn evict_resolved(&mut self) {
         self.alerts.retain(|_, a| a.status == AlertStatus::Firing);
+        let alerts = &self.alerts;
+        self.received.retain(|fp, _| alerts.contains_key(fp));
     }
 
-    /// Forgets resolved alerts that ended before `before`; they only served to reject stale
-    /// re-deliveries.
+    /// Forgets resolved alerts received before `before`; they only served to reject stale
+    /// re-deliveries and to tell "resolved" from "never heard of".
     pub fn gc(&mut self, before: Timestamp) {
-        self.alerts.retain(|_, a| {
-            a.status == AlertStatus::Firing || a.ends_at.is_none_or(|e| e >= before)
+        let received = &self.received;
+        self.alerts.retain(|fp, a| {
+            a.status == AlertStatus::Firing || received.get(fp).is_none_or(|r| *r >= before)
         });
+        let alerts = &self.alerts;
+        self.received.retain(|fp, _| alerts.contains_key(fp));
     }
 
     pub fn firing(&self) -> impl Iterator<Item = &Alert> {
@@ -473,5 +483,16 @@ mod tests {
             Applied::Stale
         );
         assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn gc_uses_receipt_time_not_alert_time() {
+        let mut s = AlertStore::new(10);
+        // Alertmanager times far in the past: still kept, we just received it.
+        s.apply(alert("a", AlertStatus::Resolved, "2020-01-01T00:00:00Z"));
+        s.gc(Timestamp::now() - jiff::SignedDuration::from_secs(3600));
+        assert_eq!(s.len(), 1);
+        s.gc(Timestamp::now() + jiff::SignedDuration::from_secs(1));
+        assert_eq!(s.len(), 0);
     }
 }

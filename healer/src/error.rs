@@ -31,7 +31,7 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    #[error("Kubernetes {op} failed")]
+    #[error("Kubernetes {op} failed: {source}")]
     Kube {
         op: String,
         #[source]

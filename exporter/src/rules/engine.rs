@@ -1147,3 +1147,272 @@ fn dec(keyed: &mut FxHashMap<Box<str>, u32>, k: &str) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::GraphLimits;
+    use crate::rules::format::RuleSpec;
+    use std::path::PathBuf;
+
+    fn rule(id: &str, body: &str) -> LoadedRule {
+        let text = format!(
+            "id: {id}\nname: {id}\nscene: scene.{id}\npriority: 50\n{body}\nsolution_steps: [{{step: 1, action: act}}]\nrelated_evidences: [e]\napplicability: {{}}\n"
+        );
+        let spec: RuleSpec = serde_yaml::from_str(&text).unwrap();
+        LoadedRule {
+            id: id.to_owned(),
+            pack: "t".to_owned(),
+            file: PathBuf::new(),
+            spec,
+        }
+    }
+
+    struct World {
+        g: Graph,
+        e: Engine,
+        buf: Vec<Change>,
+    }
+
+    impl World {
+        fn new(rules: &[LoadedRule], limits: GraphLimits) -> World {
+            let (e, rejected) = Engine::new(rules, EngineConfig::default());
+            assert!(rejected.is_empty(), "{rejected:?}");
+            let mut g = Graph::new(limits);
+            g.track_changes(true);
+            World {
+                g,
+                e,
+                buf: Vec::new(),
+            }
+        }
+        fn feed(
+            &mut self,
+            ts: i64,
+            t: EventType,
+            entity: &str,
+            pid: Option<u32>,
+            job: Option<&str>,
+            value: &str,
+        ) {
+            let ev = Event {
+                ts,
+                event_type: t,
+                entity_id: entity.into(),
+                job_id: job.map(Into::into),
+                pid,
+                value: value.into(),
+                node_id: None,
+                pod: None,
+                namespace: None,
+            };
+            self.g.ingest(&ev);
+            self.buf.clear();
+            self.buf.extend(self.g.drain_changes());
+            self.e.on_event(&ev, &self.g, &self.buf);
+        }
+        fn tick(&mut self, now: i64) {
+            self.g.advance(now);
+            self.buf.clear();
+            self.buf.extend(self.g.drain_changes());
+            self.e.on_changes(&self.g, &self.buf);
+            self.e.tick(self.g.now());
+        }
+        fn active(&self) -> Vec<(String, String)> {
+            self.e
+                .active_scenes()
+                .into_iter()
+                .map(|s| (s.rule_id, s.entity))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn graph_conditions_follow_edges_in_and_out() {
+        let limits = GraphLimits {
+            ttl_ms: 1000,
+            ..GraphLimits::default()
+        };
+        let mut w = World::new(
+            &[rule(
+                "g",
+                "conditions: [{type: graph, edge_type: waits_on, from_pattern: \"pid-*\", to_pattern: \"nvme*\"}]",
+            )],
+            limits,
+        );
+        w.feed(0, EventType::ProcessState, "nvme0n1", Some(1), None, "R");
+        assert!(w.active().is_empty());
+        w.feed(10, EventType::ProcessState, "nvme0n1", Some(1), None, "D");
+        assert_eq!(w.active().len(), 1);
+        w.feed(20, EventType::ProcessState, "nvme0n1", Some(1), None, "R");
+        assert!(w.active().is_empty(), "edge removed -> condition gone");
+        w.feed(30, EventType::ProcessState, "nvme0n1", Some(1), None, "D");
+        assert_eq!(w.active().len(), 1);
+        w.tick(5000);
+        assert!(w.active().is_empty(), "edge expired -> condition gone");
+    }
+
+    #[test]
+    fn metric_conditions_track_node_metadata() {
+        let mut w = World::new(
+            &[rule(
+                "m",
+                "conditions: [{type: metric, node_type: Resource, entity_id_pattern: \"gpu-*\", metrics: [{key: compute.util, op: gte, target: 95, value_type: numeric}]}]",
+            )],
+            GraphLimits::default(),
+        );
+        w.feed(0, EventType::ComputeUtil, "gpu-0", None, None, "50");
+        assert!(w.active().is_empty());
+        w.feed(1, EventType::ComputeUtil, "gpu-0", None, None, "99");
+        assert_eq!(w.active().len(), 1);
+        w.feed(2, EventType::ComputeUtil, "gpu-0", None, None, "10");
+        assert!(w.active().is_empty());
+        w.feed(3, EventType::ComputeUtil, "nvme0", None, None, "99");
+        assert!(w.active().is_empty(), "pattern excludes it");
+    }
+
+    #[test]
+    fn retransmit_signal_is_drops_per_second_over_a_minute() {
+        let mut w = World::new(
+            &[rule(
+                "s",
+                "conditions: [{type: signal, signal: network.tcp.retransmit_rate_1m, op: gte, target: 0.5}]",
+            )],
+            GraphLimits::default(),
+        );
+        for i in 0..29 {
+            w.feed(
+                i * 1000,
+                EventType::TransportDrop,
+                "network-eth0",
+                None,
+                None,
+                "tcp retransmit",
+            );
+        }
+        assert!(w.active().is_empty(), "29/60 < 0.5");
+        w.feed(
+            29_000,
+            EventType::TransportDrop,
+            "network-eth0",
+            None,
+            None,
+            "bw 100",
+        ); // not a drop
+        assert!(w.active().is_empty());
+        w.feed(
+            29_500,
+            EventType::TransportDrop,
+            "network-eth0",
+            None,
+            None,
+            "packet DROP",
+        );
+        assert_eq!(w.active().len(), 1, "30/60 >= 0.5");
+        w.tick(120_000);
+        assert!(w.active().is_empty(), "window slid past");
+    }
+
+    #[test]
+    fn negation_matures_per_key_and_joins_do_not_mix_keys() {
+        let mut w = World::new(
+            &[rule(
+                "n",
+                "join: job\nconditions: [{type: event, event_type: intent.run}, {type: event, event_type: compute.util, negate: true, window: 1m}]",
+            )],
+            GraphLimits::default(),
+        );
+        w.feed(0, EventType::IntentRun, "gpu-0", Some(1), Some("a"), "run");
+        w.feed(0, EventType::IntentRun, "gpu-1", Some(2), Some("b"), "run");
+        w.tick(30_000);
+        assert!(w.active().is_empty(), "not watched for a whole window yet");
+        w.feed(
+            50_000,
+            EventType::ComputeUtil,
+            "gpu-1",
+            Some(2),
+            Some("b"),
+            "90",
+        );
+        w.tick(61_000);
+        let a = w.active();
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert_eq!(a[0].1, "gpu-0", "only job a is without progress");
+        w.feed(
+            62_000,
+            EventType::ComputeUtil,
+            "gpu-0",
+            Some(1),
+            Some("a"),
+            "90",
+        );
+        assert!(w.active().is_empty());
+    }
+
+    #[test]
+    fn count_needs_that_many_in_the_window() {
+        let mut w = World::new(
+            &[rule(
+                "c",
+                "conditions: [{type: event, event_type: error.hw, value_pattern: XID, count: 3, window: 10m}]",
+            )],
+            GraphLimits::default(),
+        );
+        w.feed(0, EventType::ErrorHw, "gpu-0", None, None, "XID 13");
+        w.feed(1000, EventType::ErrorHw, "gpu-0", None, None, "XID 13");
+        assert!(w.active().is_empty());
+        w.feed(2000, EventType::ErrorHw, "gpu-0", None, None, "ECC"); // no XID
+        assert!(w.active().is_empty());
+        w.feed(700_000, EventType::ErrorHw, "gpu-0", None, None, "XID 13");
+        assert!(
+            w.active().is_empty(),
+            "the first two fell out of the window"
+        );
+        w.feed(701_000, EventType::ErrorHw, "gpu-0", None, None, "XID 13");
+        w.feed(702_000, EventType::ErrorHw, "gpu-0", None, None, "XID 13");
+        assert_eq!(w.active().len(), 1);
+    }
+
+    #[test]
+    fn bad_rules_are_rejected_with_a_reason() {
+        let rules = [
+            rule("a", "conditions: [{type: event, event_type: nope}]"),
+            rule("b", "conditions: [{type: graph, edge_type: loves}]"),
+            rule(
+                "c",
+                "conditions: [{type: signal, signal: made.up, op: gt, target: 1}]",
+            ),
+            rule(
+                "d",
+                "conditions: [{type: signal, signal: hardware.gpu.util_avg_1m, op: approx, target: 1}]",
+            ),
+            rule("e", "conditions: []"),
+            rule(
+                "ok",
+                "conditions: [{type: event, event_type: error.hw, value_threshold: \"5\"}]",
+            ),
+        ];
+        let (e, rejected) = Engine::new(&rules, EngineConfig::default());
+        assert_eq!(rejected.len(), 5, "{rejected:?}");
+        assert_eq!(e.rules().len(), 1);
+    }
+
+    #[test]
+    fn cmp_semantics() {
+        let c = |op: &str, t: &str, vt: Option<&str>| {
+            Cmp::new(Some(op), Some(&serde_yaml::Value::String(t.into())), vt).unwrap()
+        };
+        assert!(
+            c("gt", "5", None).test_str("10"),
+            "auto: numeric when both parse"
+        );
+        assert!(
+            !c("gt", "5", Some("string")).test_str("10"),
+            "string: lexicographic"
+        );
+        assert!(!c("gt", "5", Some("numeric")).test_str("abc"));
+        assert!(c("contains", "XID", None).test_str("XID 79"));
+        assert!(c("ne", "a", None).test_str("b"));
+        assert!(c("eq", "1.0", None).test_str("1"));
+    }
+}

@@ -144,7 +144,7 @@ pub enum ConditionKind {
         entity_id_pattern: Option<String>,
         #[serde(default)]
         value_pattern: Option<String>,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "lenient_f64")]
         value_threshold: Option<f64>,
     },
     Graph {
@@ -187,6 +187,22 @@ pub struct MetricCmp {
     pub target: serde_yaml::Value,
     #[serde(default)]
     pub value_type: Option<String>,
+}
+
+/// A number, or a string holding one (`"0.5"`): hand-written packs use both.
+fn lenient_f64<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<f64>, D::Error> {
+    match Option::<serde_yaml::Value>::deserialize(d)? {
+        None | Some(serde_yaml::Value::Null) => Ok(None),
+        Some(serde_yaml::Value::Number(n)) => Ok(n.as_f64()),
+        Some(serde_yaml::Value::String(s)) => s.trim().parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!("value_threshold {s:?} is not a number"))
+        }),
+        Some(other) => Err(serde::de::Error::custom(format!(
+            "value_threshold must be a number, got {other:?}"
+        ))),
+    }
 }
 
 /// `30s`, `5m`, `2h`, `1500ms` or a bare number of seconds.

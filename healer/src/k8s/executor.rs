@@ -34,8 +34,9 @@ pub struct Executor {
     pub metrics: Metrics,
     pub alerts: Arc<Mutex<AlertStore>>,
     started: Instant,
-    /// Last block reported per node, so a block is counted once, not once per pass.
-    reported: Mutex<HashMap<String, String>>,
+    /// Last block reported per node (reason, message): a block is counted once per node and
+    /// reason, not once per pass; the ticket is rewritten only when the message changes.
+    reported: Mutex<HashMap<String, (BlockReason, String)>>,
 }
 
 /// How long after start an alert we have not heard about counts as unknown rather than resolved:
@@ -82,13 +83,13 @@ impl Executor {
         self.update_gauges(&plan, &view);
 
         let mut runnable = Vec::new();
+        let mut blocked = Vec::new();
         for p in &plan.nodes {
             let sop_dry = self.catalog.sop(&p.sop).is_some_and(|s| s.dry_run);
             let dry = self.config.dry_run || sop_dry || self.kube.is_none();
             match (p.block_reason, dry) {
                 (Some(reason), _) => {
-                    self.report_block(p, reason, p.blocked.as_deref().unwrap_or(""), dry)
-                        .await
+                    blocked.push((p, reason, p.blocked.clone().unwrap_or_default(), dry));
                 }
                 (None, true) => {
                     let msg = format!(
@@ -97,7 +98,7 @@ impl Executor {
                         p.condition,
                         p.steps.join(", ")
                     );
-                    self.report_block(p, BlockReason::DryRun, &msg, true).await;
+                    blocked.push((p, BlockReason::DryRun, msg, true));
                 }
                 (None, false) => {
                     self.reported
@@ -108,6 +109,14 @@ impl Executor {
                 }
             }
         }
+        futures::stream::iter(blocked)
+            .for_each_concurrent(
+                self.config.max_concurrent_nodes,
+                |(p, reason, msg, dry)| async move {
+                    self.report_block(p, reason, &msg, dry).await;
+                },
+            )
+            .await;
         if let Some(kube) = &self.kube {
             futures::stream::iter(runnable)
                 .for_each_concurrent(self.config.max_concurrent_nodes, |p| async move {
@@ -143,18 +152,23 @@ impl Executor {
     /// Counts a block once per (node, reason), records it in the audit log and, where the node
     /// may be written, in its ticket.
     async fn report_block(&self, p: &NodePlan, reason: BlockReason, message: &str, dry: bool) {
-        let key = format!("{}|{}|{}", reason.label(), p.condition, message);
-        {
+        let message = format!("{}: {message}", p.condition);
+        let message = message.as_str();
+        let new_reason = {
             let mut rep = self.reported.lock().unwrap_or_else(|e| e.into_inner());
-            if rep.get(&p.node) == Some(&key) {
-                return;
+            let prev = rep.insert(p.node.clone(), (reason, message.to_owned()));
+            match prev {
+                Some((r, m)) if r == reason && m == message => return,
+                Some((r, _)) => r != reason,
+                None => true,
             }
-            rep.insert(p.node.clone(), key);
+        };
+        if new_reason {
+            self.metrics
+                .actions_blocked
+                .with_label_values(&[reason.label()])
+                .inc();
         }
-        self.metrics
-            .actions_blocked
-            .with_label_values(&[reason.label()])
-            .inc();
         tracing::info!(node = %p.node, condition = %p.condition, reason = reason.label(), "Remediation blocked: {message}");
         self.audit.record(&AuditRecord {
             ts: Timestamp::now(),
@@ -200,14 +214,18 @@ impl Executor {
                         t
                     }
                     Some(t) if reason == BlockReason::Cooldown => t,
-                    prev => Ticket::new(
-                        &p.condition,
-                        &p.reason,
-                        &p.sop,
-                        p.fingerprint.as_deref(),
-                        now,
-                        prev.as_ref(),
-                    ),
+                    prev => {
+                        let mut t = Ticket::new(
+                            &p.condition,
+                            &p.reason,
+                            &p.sop,
+                            p.fingerprint.as_deref(),
+                            now,
+                            prev.as_ref(),
+                        );
+                        t.history.pop(); // waiting for budget is not a remediation
+                        t
+                    }
                 };
                 if t.blocked.as_deref() == Some(message) {
                     return Ok(None);
@@ -376,6 +394,7 @@ impl Executor {
                 gpu: &gpu,
             };
             let outcome = steps::execute(step, &ctx).await?;
+            tracing::debug!(node = %p.node, index, step = %step, outcome = ?outcome, "Step evaluated");
             match outcome {
                 Outcome::Done { message, patch } => {
                     let job = job_for(step, p, &ticket, index);

@@ -208,6 +208,8 @@ impl Kube {
                 api_version: Some("v1".into()),
                 kind: Some("Node".into()),
                 name: Some(name.clone()),
+                // 1.20 validates involvedObject.namespace == the Event's namespace.
+                namespace: Some(namespace.to_owned()),
                 uid: node.metadata.uid.clone(),
                 ..Default::default()
             },

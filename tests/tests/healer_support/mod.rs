@@ -1,0 +1,206 @@
+//! Shared helpers of the `healer_*` integration tests: the real ark-healer binary as a service,
+//! Alertmanager-shaped payloads and ticket accessors.
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ark_harness::{KubeCluster, Service, wait_for};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams};
+use serde_json::{Value, json};
+
+pub const TOKEN: &str = "healer-test-token";
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// The healer binary running as a service, with its own config, token file and audit log.
+pub struct Healer {
+    pub service: Service,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl Healer {
+    pub fn start(kube: &KubeCluster, dir: &Path, name: &str, toml: &str) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let token = dir.join("token");
+        std::fs::write(&token, TOKEN)?;
+        let audit = dir.join("audit.jsonl");
+        let config = dir.join("healer.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "reconcile_interval_seconds = 1\naudit_log = \"{}\"\n{toml}",
+                audit.display()
+            ),
+        )?;
+        let port = ark_harness::free_port();
+        let mut cmd = Command::new(ark_harness::bin_path("ark-healer"));
+        cmd.arg("serve")
+            .arg("--web.listen-address")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--webhook-token-file")
+            .arg(&token)
+            .arg("--config")
+            .arg(&config)
+            .arg("--kubeconfig")
+            .arg(kube.kubeconfig("healer"))
+            .arg("--identity")
+            .arg(name)
+            .env("RUST_LOG", "info,ark_healer=debug");
+        let service = Service::spawn(name, &mut cmd, &dir.join(format!("{name}.log")))?;
+        Ok(Healer {
+            service,
+            port,
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub async fn ready(&self) -> Result<()> {
+        let url = self.url("/readyz");
+        wait_for("healer /readyz", WAIT, &[&self.service], || async {
+            Ok(reqwest::get(&url)
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+                .map(|_| ()))
+        })
+        .await
+    }
+
+    pub async fn is_ready(&self) -> bool {
+        reqwest::get(self.url("/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    }
+
+    pub async fn post(&self, body: &Value) -> Result<(u16, Value)> {
+        let r = reqwest::Client::new()
+            .post(self.url("/api/v1/alerts"))
+            .bearer_auth(TOKEN)
+            .json(body)
+            .send()
+            .await?;
+        let code = r.status().as_u16();
+        Ok((code, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(reqwest::get(self.url("/metrics")).await?.text().await?)
+    }
+
+    pub fn audit(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit lines are JSON"))
+            .collect()
+    }
+}
+
+pub fn alert(node: &str, condition: &str, firing: bool, starts: &str) -> Value {
+    json!({
+        "status": if firing { "firing" } else { "resolved" },
+        "labels": {"alertname": condition, "node": node, "condition": condition, "severity": "critical", "gpu": "0"},
+        "annotations": {"summary": format!("{condition} on {node}")},
+        "startsAt": starts,
+        "endsAt": if firing { "0001-01-01T00:00:00Z" } else { "2026-11-22T11:00:00Z" },
+        "generatorURL": "http://prometheus/graph",
+        "fingerprint": format!("{node}-{condition}"),
+    })
+}
+
+pub fn payload(alerts: Vec<Value>) -> Value {
+    json!({
+        "version": "4", "groupKey": "{}:{}", "truncatedAlerts": 0, "status": "firing",
+        "receiver": "ark-healer", "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093", "alerts": alerts,
+    })
+}
+
+/// The ticket annotation of a node, as YAML.
+pub fn ticket(node: &Node) -> Option<serde_yaml::Value> {
+    let text = node.metadata.annotations.as_ref()?.get("ark.io/ticket")?;
+    Some(serde_yaml::from_str(text).expect("ticket annotation is YAML"))
+}
+
+pub fn workflow_status(t: &serde_yaml::Value, action: &str) -> Vec<String> {
+    t["workflows"]
+        .as_sequence()
+        .map(|ws| {
+            ws.iter()
+                .filter(|w| w["action"].as_str() == Some(action))
+                .map(|w| w["status"].as_str().unwrap_or("").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn unschedulable(n: &Node) -> bool {
+    n.spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false)
+}
+
+pub fn taint_keys(n: &Node) -> Vec<String> {
+    n.spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| t.key)
+        .collect()
+}
+
+pub async fn setup_rbac(kube: &KubeCluster) -> Result<()> {
+    kube.ensure_namespace("ark-system").await?;
+    let rbac = ark_harness::repo_root().join("deploy/healer/rbac.yaml");
+    kube.kubectl(&["apply", "-f", rbac.to_str().context("path")?])?;
+    Ok(())
+}
+
+pub async fn wait_node<T>(
+    api: &Api<Node>,
+    name: &str,
+    what: &str,
+    healer: &Healer,
+    f: impl Fn(&Node) -> Option<T>,
+) -> Result<T> {
+    wait_for(what, WAIT, &[&healer.service], || async {
+        let n = api.get(name).await?;
+        Ok(f(&n))
+    })
+    .await
+    .with_context(|| format!("healer log:\n{}", healer.service.log_tail(40)))
+}
+
+pub async fn wait_job(kube: &kube::Client, template: &str, healer: &Healer) -> Result<String> {
+    let jobs: Api<Job> = Api::namespaced(kube.clone(), "ark-system");
+    let lp = ListParams::default().labels(&format!("ark.io/template={template}"));
+    wait_for(
+        &format!("{template} Job"),
+        WAIT,
+        &[&healer.service],
+        || async {
+            let items = jobs.list(&lp).await?.items;
+            Ok(items.first().and_then(|j| j.metadata.name.clone()))
+        },
+    )
+    .await
+    .with_context(|| format!("healer log:\n{}", healer.service.log_tail(40)))
+}
+
+pub async fn count_jobs(kube: &kube::Client, template: &str) -> Result<usize> {
+    let jobs: Api<Job> = Api::namespaced(kube.clone(), "ark-system");
+    let lp = ListParams::default().labels(&format!("ark.io/template={template}"));
+    Ok(jobs.list(&lp).await?.items.len())
+}
