@@ -28,7 +28,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 
 use prometheus::proto::MetricType;
 
@@ -235,7 +234,6 @@ struct Tracked {
     state: char,
     rank: u8,
     holds: Holds,
-    /// Fd index whose targets were regular files (re-stat'ed for the disk).
     cgroup: Option<CgroupInfo>,
     /// Resource entities it holds (`gpu-0`, `mlx5_0`, `nvme0n1`).
     resources: Vec<String>,
@@ -720,16 +718,11 @@ impl HostSource for ProcessCollector {
     }
 }
 
-/// Used by tests and the benchmark: how many processes are tracked.
 impl ProcessCollector {
+    /// How many processes are tracked (tests, benchmark).
     pub fn tracked_count(&self) -> usize {
         self.tracked.len()
     }
-}
-
-/// Path helper for fixtures: `<root>/<pid>`.
-pub fn pid_dir(procfs: &Path, pid: u32) -> std::path::PathBuf {
-    procfs.join(pid.to_string())
 }
 
 #[cfg(test)]
