@@ -204,7 +204,9 @@ int BPF_PROG(ark_block_rq_complete, struct request *rq, int error, unsigned int 
 	bpf_map_delete_elem(&ARK_INFLIGHT, &key);
 
 	struct ark_io_key hk = {};
-	hk.dev = BPF_CORE_READ(rq, part, bd_dev);
+	// Flushes and passthrough requests have no partition: name the whole disk instead.
+	struct block_device *part = BPF_CORE_READ(rq, part);
+	hk.dev = part ? BPF_CORE_READ(part, bd_dev) : BPF_CORE_READ(rq, q, disk, part0, bd_dev);
 	hk.op = BPF_CORE_READ(rq, cmd_flags) & 0xff;
 	hk.bucket = log2_bucket(lat / 1000);
 	__u64 one = 1;

@@ -111,11 +111,11 @@ pub struct ServeArgs {
     /// Kubeconfig for the pod watch (default: KUBECONFIG, ~/.kube/config, in-cluster).
     #[arg(long = "kubeconfig", value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
-    /// Enable a collector that is off by default (repeatable). Known: probe, netdev,
+    /// Enable a collector (repeatable; also `--collector.NAME`). Known: probe, ebpf, netdev,
     /// infiniband, block, pressure, process, pods.
     #[arg(long = "collector", value_name = "NAME")]
     pub enable: Vec<String>,
-    /// Disable a collector (repeatable).
+    /// Disable a collector (repeatable; also `--no-collector.NAME`).
     #[arg(long = "no-collector", value_name = "NAME")]
     pub disable: Vec<String>,
     #[command(flatten)]
@@ -187,8 +187,33 @@ fn init_logging(log: &LogArgs) {
 }
 
 /// Parses arguments and runs the command.
+/// Accepts node_exporter-style `--collector.NAME` / `--no-collector.NAME` as spellings of
+/// `--collector NAME` / `--no-collector NAME`, which SREs type from habit.
+pub fn collector_flag_aliases<I: IntoIterator<Item = std::ffi::OsString>>(
+    args: I,
+) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    for a in args {
+        let s = a.to_string_lossy();
+        let split = ["--collector.", "--no-collector."]
+            .into_iter()
+            .find_map(|p| {
+                s.strip_prefix(p)
+                    .map(|name| (p.trim_end_matches('.'), name))
+            });
+        match split {
+            Some((flag, name)) if !name.is_empty() => {
+                out.push(flag.into());
+                out.push(name.into());
+            }
+            _ => out.push(a),
+        }
+    }
+    out
+}
+
 pub fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(collector_flag_aliases(std::env::args_os()));
     match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(a)) => serve(a),
@@ -562,6 +587,36 @@ pub fn render_why(w: &WhyResponse) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn node_exporter_style_collector_flags() {
+        let args = collector_flag_aliases(
+            [
+                "ark-exporter",
+                "--collector.ebpf",
+                "--no-collector.probe",
+                "--collector.",
+                "x",
+            ]
+            .map(std::ffi::OsString::from),
+        );
+        let args: Vec<_> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "ark-exporter",
+                "--collector",
+                "ebpf",
+                "--no-collector",
+                "probe",
+                "--collector.",
+                "x"
+            ]
+        );
+    }
+
     use super::*;
     use clap::CommandFactory;
 

@@ -17,8 +17,9 @@ use crate::rules::format::DurationSpec;
 use crate::{Error, Result};
 
 /// Top-level keys, used to pick our variables out of `ARK_*` (other tools use that prefix too).
-const TOP_KEYS: [&str; 8] = [
+const TOP_KEYS: [&str; 9] = [
     "probes",
+    "ebpf",
     "rules_dir",
     "collectors",
     "graph",
@@ -169,6 +170,38 @@ impl Default for ProbeSection {
     }
 }
 
+/// `[ebpf]`: the eBPF collector.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EbpfSection {
+    /// Block I/O slower than this links the issuing process WaitsOn the device.
+    pub slow_io: DurationSpec,
+    /// How often the kernel maps are read into metrics.
+    pub poll_interval: DurationSpec,
+    /// At most one retransmit event per flow per this interval (counts stay exact).
+    pub retransmit_event_gap: DurationSpec,
+}
+
+impl Default for EbpfSection {
+    fn default() -> Self {
+        EbpfSection {
+            slow_io: DurationSpec(100),
+            poll_interval: DurationSpec(1000),
+            retransmit_event_gap: DurationSpec(1000),
+        }
+    }
+}
+
+impl EbpfSection {
+    pub fn settings(&self) -> crate::collectors::ebpf::EbpfSettings {
+        crate::collectors::ebpf::EbpfSettings {
+            slow_io: ms(self.slow_io),
+            poll_interval: ms(self.poll_interval),
+            retransmit_event_gap: ms(self.retransmit_event_gap),
+        }
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -181,6 +214,7 @@ pub struct Config {
     pub rules: RulesSection,
     pub pipeline: PipelineSection,
     pub probe: ProbeSection,
+    pub ebpf: EbpfSection,
     /// `[host]`: procfs/sysfs collectors and pod attribution.
     pub host: crate::collectors::host::HostConfig,
 }

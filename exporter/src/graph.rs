@@ -510,6 +510,7 @@ impl Graph {
             None => self.ensure_named(NodeKind::Resource, &ev.entity_id, ts),
         };
         self.touch_values(ent, t, &ev.value);
+        let ent_gen = self.nodes[ent as usize].generation;
         let proc = match ev.pid {
             Some(pid) => {
                 let p = self.ensure_process(pid, ts);
@@ -521,6 +522,12 @@ impl Graph {
             }
             None => None,
         };
+        let proc_gen = proc.map(|p| self.nodes[p as usize].generation);
+        // With tiny caps, creating one node can evict the other (and reuse its slot): then
+        // there is nothing sane to link.
+        if !self.valid(ent, ent_gen) {
+            return;
+        }
         match t {
             _ if t.is_error() => {
                 if is_clear_value(&ev.value) {
@@ -535,9 +542,14 @@ impl Graph {
                         en.error_count += 1;
                     }
                     self.touch_values(e, t, &ev.value);
+                    if !self.valid(ent, ent_gen) {
+                        return;
+                    }
                     self.upsert_edge(ent, e, EdgeKind::BlockedBy, ts);
                 }
-                if let Some(p) = proc {
+                if let (Some(p), Some(pg)) = (proc, proc_gen)
+                    && self.valid(p, pg)
+                {
                     self.upsert_edge(p, ent, EdgeKind::Consumes, ts);
                 }
             }
@@ -579,6 +591,11 @@ impl Graph {
                 }
             }
         }
+    }
+
+    fn valid(&self, idx: u32, generation: u32) -> bool {
+        let n = &self.nodes[idx as usize];
+        n.alive && n.generation == generation
     }
 
     /// Sets pod/namespace of a process (for collectors that resolve them from cgroups).
@@ -982,12 +999,17 @@ impl Graph {
     /// Evicts the least recently seen node (second-chance FIFO). False when nothing is left.
     fn evict_one_node(&mut self) -> bool {
         for class in 0..2 {
+            // Entries seen at the current time (e.g. created by the event being applied) get a
+            // reprieve while older candidates exist; `spins` bounds the loop when none do.
+            let mut spins = self.node_queues[class].len();
             while let Some(q) = self.node_queues[class].pop_front() {
                 let n = &self.nodes[q.idx as usize];
                 if !n.alive || n.generation != q.generation {
                     continue;
                 }
-                if n.last_seen > q.at {
+                let current = n.last_seen >= self.now && spins > 0;
+                if n.last_seen > q.at || current {
+                    spins = spins.saturating_sub(1);
                     let at = n.last_seen;
                     self.node_queues[class].push_back(QEntry { at, ..q });
                     continue;
@@ -1002,12 +1024,17 @@ impl Graph {
 
     fn evict_one_edge(&mut self) -> bool {
         for class in 0..2 {
+            // Entries seen at the current time (e.g. created by the event being applied) get a
+            // reprieve while older candidates exist; `spins` bounds the loop when none do.
+            let mut spins = self.edge_queues[class].len();
             while let Some(q) = self.edge_queues[class].pop_front() {
                 let e = &self.edges[q.idx as usize];
                 if !e.alive || e.uid as u32 != q.generation {
                     continue;
                 }
-                if e.last_seen > q.at {
+                let current = e.last_seen >= self.now && spins > 0;
+                if e.last_seen > q.at || current {
+                    spins = spins.saturating_sub(1);
                     let at = e.last_seen;
                     self.edge_queues[class].push_back(QEntry { at, ..q });
                     continue;
@@ -1468,6 +1495,50 @@ mod tests {
         assert!(g.process(0).is_none());
         let ev_ = g.evictions();
         assert!(ev_.nodes_cap > 9_000 && ev_.edges_cap > 0);
+    }
+
+    #[test]
+    fn eviction_spares_what_the_current_event_touches() {
+        let limits = GraphLimits {
+            max_nodes: 10,
+            ..GraphLimits::default()
+        };
+        let mut g = Graph::new(limits);
+        // Fill the graph, refreshing everything so that every entry has had its second chance.
+        for round in 0..3 {
+            for pid in 0..9u32 {
+                g.ingest(&ev(
+                    round * 10 + i64::from(pid),
+                    EventType::ComputeUtil,
+                    "gpu-0",
+                    Some(pid),
+                    "1",
+                ));
+            }
+        }
+        // A new pid and a new resource in one event: both must exist afterwards.
+        g.ingest(&ev(100, EventType::ComputeUtil, "gpu-new", Some(500), "1"));
+        assert!(g.process(500).is_some());
+        assert!(g.resource("gpu-new").is_some());
+        assert_eq!(
+            g.edge_seen(
+                g.process(500).unwrap().idx(),
+                g.resource("gpu-new").unwrap().idx(),
+                EdgeKind::Consumes
+            )
+            .map(|s| s.0),
+            Some(100)
+        );
+        assert!(g.total_nodes() <= 10);
+        // Every node seen at the same instant: the loop still terminates and the cap holds.
+        let mut g = Graph::new(GraphLimits {
+            max_nodes: 5,
+            ..GraphLimits::default()
+        });
+        for pid in 0..50u32 {
+            g.ingest(&ev(7, EventType::ComputeUtil, "gpu-0", Some(pid), "1"));
+        }
+        assert!(g.total_nodes() <= 5);
     }
 
     #[test]

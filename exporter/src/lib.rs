@@ -20,6 +20,7 @@ pub mod collectors;
 pub mod config;
 mod error;
 pub mod event;
+pub mod gpu_faults;
 pub mod graph;
 pub mod http;
 pub mod metrics;

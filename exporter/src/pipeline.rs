@@ -15,6 +15,7 @@ use prometheus::proto::{MetricFamily, MetricType};
 use serde::Serialize;
 
 use crate::event::{Event, EventType, ParseError, parse_line};
+use crate::gpu_faults::GpuFaults;
 use crate::graph::{Change, EdgeKind, Graph, GraphLimits, NodeKind, RootCause};
 use crate::metrics::{DropCounters, Telemetry, family};
 use crate::ratelimit::LogLimiter;
@@ -132,6 +133,8 @@ pub struct Pipeline {
     /// Set when something changed since the last snapshot.
     dirty: bool,
     stats: ReplayStats,
+    /// XID / ECC counters from events of sources other than the NVML collector.
+    gpu_faults: GpuFaults,
 }
 
 impl Pipeline {
@@ -167,6 +170,7 @@ impl Pipeline {
             shed: 0,
             dirty: true,
             stats: ReplayStats::default(),
+            gpu_faults: GpuFaults::default(),
         }
     }
 
@@ -277,6 +281,10 @@ impl Pipeline {
             }
         };
         counts[ev.event_type as usize] += 1;
+        // The NVML collector keeps its own XID/ECC counters; everything else is derived here.
+        if source != "nvml" {
+            self.gpu_faults.observe(ev);
+        }
         self.graph.ingest(ev);
         if let Some(engine) = self.engine.as_mut() {
             self.changes.clear();
@@ -345,7 +353,7 @@ impl Pipeline {
 
     /// Builds the pipeline's metric families (bounded by `series_budget`).
     pub fn families(&self) -> Vec<MetricFamily> {
-        let mut fams = Vec::new();
+        let mut fams = self.gpu_faults.families();
         let g = &self.graph;
         fams.push(family(
             "ark_graph_nodes",

@@ -203,10 +203,13 @@ pub fn plan(
     }
 
     // An open ticket keeps its condition a candidate until its SOP finishes, even once the alert
-    // resolved (the remaining steps — healthcheck, uncordon — still have to run).
+    // resolved (the remaining steps — healthcheck, uncordon — still have to run). A ticket that
+    // never got to act (it waited for budget) does not: a resolution closes it instead
+    // (see [`stale_tickets`]).
     for (name, n) in &view.nodes {
         if let Some(Ok(t)) = &n.ticket
             && t.status.is_open()
+            && !t.workflows.is_empty()
             && let Some(spec) = catalog.condition(&t.condition)
         {
             per_node
@@ -332,6 +335,18 @@ pub fn plan(
     out
 }
 
+/// Nodes whose open ticket never acted and whose condition is no longer planned (it resolved):
+/// the executor closes these tickets.
+pub fn stale_tickets<'a>(plan: &Plan, view: &'a ClusterView) -> Vec<&'a NodeView> {
+    view.nodes
+        .values()
+        .filter(|n| {
+            matches!(&n.ticket, Some(Ok(t)) if t.status.is_open() && t.workflows.is_empty())
+                && !plan.nodes.iter().any(|p| p.node == n.name)
+        })
+        .collect()
+}
+
 /// Cooldown and repeat-offender checks before a new remediation of a node.
 fn new_ticket_block(
     previous: &Ticket,
@@ -350,6 +365,9 @@ fn new_ticket_block(
                 ro.window_seconds
             ),
         ));
+    }
+    if previous.workflows.is_empty() {
+        return None; // it never acted (waited for budget, then resolved): nothing to cool down
     }
     let closed = previous.closed_at.unwrap_or(previous.created_at);
     let until = closed
@@ -570,6 +588,18 @@ mod tests {
             None,
         );
         closed.status = TicketStatus::Closed;
+        closed.record(
+            0,
+            Workflow {
+                action: "Cordon".into(),
+                status: StepStatus::Succeeded,
+                at: now(),
+                step: None,
+                job: None,
+                message: None,
+                retries: None,
+            },
+        );
         closed.closed_at = Some("2026-11-22T11:50:00Z".parse().unwrap());
         let mut n = node("n1");
         n.ticket = Some(Ok(closed.clone()));
@@ -624,6 +654,30 @@ mod tests {
             p.nodes[0].blocked.is_none(),
             "already cordoned: no new budget needed"
         );
+    }
+
+    #[test]
+    fn a_ticket_that_never_acted_closes_when_its_alert_resolves() {
+        let cat = Catalog::embedded().unwrap();
+        let mut waiting = node("w");
+        waiting.ticket = Some(Ok(Ticket::new(
+            "GpuHung",
+            "",
+            "gpu-reset",
+            None,
+            now(),
+            None,
+        )));
+        let v = view(vec![waiting]);
+        let p = plan(&[], &cat, &cfg(1), &v, now());
+        assert!(
+            p.nodes.is_empty(),
+            "a resolved, never-started ticket must not start now"
+        );
+        assert_eq!(stale_tickets(&p, &v).len(), 1);
+        let p = plan(&[alert("w", "GpuHung")], &cat, &cfg(1), &v, now());
+        assert!(p.nodes[0].continues_ticket);
+        assert!(stale_tickets(&p, &v).is_empty());
     }
 
     #[test]

@@ -23,6 +23,7 @@
 //! `--collector NAME` / `--no-collector NAME` flags override it, flags last.
 
 pub mod block;
+pub mod ebpf;
 pub mod host;
 pub mod infiniband;
 pub mod netdev;
@@ -47,6 +48,8 @@ pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 pub enum CollectorKind {
     /// External probes (`--probe PATH`) speaking the Ark JSON Lines protocol.
     Probe,
+    /// Kernel programs: TCP retransmits, block I/O latency, exits, OOM kills.
+    Ebpf,
     /// `/proc/net/dev` + `/sys/class/net` ([`netdev`]).
     Netdev,
     /// `/sys/class/infiniband` ([`infiniband`]).
@@ -64,6 +67,7 @@ pub enum CollectorKind {
 impl CollectorKind {
     pub const ALL: &'static [CollectorKind] = &[
         CollectorKind::Probe,
+        CollectorKind::Ebpf,
         CollectorKind::Netdev,
         CollectorKind::Infiniband,
         CollectorKind::Block,
@@ -76,6 +80,7 @@ impl CollectorKind {
     pub fn name(self) -> &'static str {
         match self {
             CollectorKind::Probe => "probe",
+            CollectorKind::Ebpf => "ebpf",
             CollectorKind::Netdev => "netdev",
             CollectorKind::Infiniband => "infiniband",
             CollectorKind::Block => "block",
@@ -89,6 +94,7 @@ impl CollectorKind {
     pub fn default_enabled(self) -> bool {
         match self {
             CollectorKind::Probe => true,
+            CollectorKind::Ebpf => true,
             // Host collectors whose files are absent report `up 0` and cost nothing.
             CollectorKind::Netdev
             | CollectorKind::Infiniband
@@ -107,6 +113,7 @@ impl CollectorKind {
     pub fn build(self, cfg: &Config) -> crate::Result<Box<dyn Collector>> {
         Ok(match self {
             CollectorKind::Probe => Box::new(probe::ProbeCollector::new(cfg)),
+            CollectorKind::Ebpf => Box::new(ebpf::EbpfCollector::new(cfg)),
             CollectorKind::Netdev => {
                 host::collector(self, cfg, |h, _| Box::new(netdev::NetdevCollector::new(h)))
             }
@@ -211,14 +218,20 @@ mod tests {
     #[test]
     fn enable_disable_order() {
         let mut cfg = Config::default();
-        let probe_on = |v: Vec<CollectorKind>| v.contains(&CollectorKind::Probe);
-        assert!(probe_on(enabled(&cfg, &[], &[]).unwrap()));
-        cfg.collectors.insert("probe".into(), false);
-        assert!(!probe_on(enabled(&cfg, &[], &[]).unwrap()));
-        assert!(probe_on(enabled(&cfg, &["probe".into()], &[]).unwrap()));
-        assert!(!probe_on(
-            enabled(&cfg, &["probe".into()], &["probe".into()]).unwrap()
-        ));
+        assert_eq!(enabled(&cfg, &[], &[]).unwrap(), CollectorKind::ALL);
+        for k in CollectorKind::ALL {
+            cfg.collectors.insert(k.name().into(), false);
+        }
+        assert!(enabled(&cfg, &[], &[]).unwrap().is_empty());
+        assert_eq!(
+            enabled(&cfg, &["probe".into()], &[]).unwrap(),
+            [CollectorKind::Probe]
+        );
+        assert!(
+            enabled(&cfg, &["probe".into()], &["probe".into()])
+                .unwrap()
+                .is_empty()
+        );
         assert!(enabled(&cfg, &["nope".into()], &[]).is_err());
     }
 }

@@ -15,8 +15,9 @@
 //!
 //! Events (`process.state`, with pid, pod, namespace and the pod's job): per held resource
 //! (`gpu-<n>`, `mlx5_0`) the state letter (`D` on the resource it waits on makes the graph's
-//! WaitsOn edge, anything else Consumes); a process holding only sockets is reported on its own
-//! node (`pid-<pid>`); sent on change and re-sent every `event_refresh`. A tracked process that
+//! WaitsOn edge, anything else Consumes); a pod process holding only sockets is reported on its
+//! own node (`pid-<pid>`), a host process holding only sockets only in metrics (else every
+//! daemon would be in the graph); sent on change and re-sent every `event_refresh`. A tracked process that
 //! disappears, becomes a zombie or whose pid is reused → `process.state` `exited`.
 //!
 //! Metrics (bounded by `max_processes_tracked`):
@@ -375,7 +376,8 @@ impl ProcessCollector {
         }
     }
 
-    fn exit_event(&mut self, now: i64, pid: u32, t: &Tracked, why: &str) -> Event {
+    /// The exit event of a tracked process; `None` when it never was in the graph.
+    fn exit_event(&mut self, now: i64, pid: u32, t: &Tracked, why: &str) -> Option<Event> {
         self.exits_total += 1;
         for r in t.sent.keys() {
             self.refresh.forget(&(pid, r.clone()));
@@ -386,7 +388,8 @@ impl ProcessCollector {
             .cloned()
             .unwrap_or_else(|| format!("pid-{pid}"));
         let pod = t.cgroup.as_ref().and_then(|c| self.pods.resolve(c));
-        state_event(now, pid, &entity, format!("exited ({why})"), pod.as_ref())
+        (!t.sent.is_empty())
+            .then(|| state_event(now, pid, &entity, format!("exited ({why})"), pod.as_ref()))
     }
 }
 
@@ -461,17 +464,17 @@ impl HostSource for ProcessCollector {
             match st {
                 None => {
                     let ev = self.exit_event(now, pid, &t, "gone");
-                    out.events.push(ev);
+                    out.events.extend(ev);
                     self.known.remove(&pid);
                 }
                 Some(s) if s.start != t.start => {
                     let ev = self.exit_event(now, pid, &t, "pid reused");
-                    out.events.push(ev);
+                    out.events.extend(ev);
                     self.known.remove(&pid);
                 }
                 Some(s) if matches!(s.state, 'Z' | 'X') => {
                     let ev = self.exit_event(now, pid, &t, "zombie");
-                    out.events.push(ev);
+                    out.events.extend(ev);
                     // Known (same start): not classified again until it is reaped.
                 }
                 Some(s) => {
@@ -618,7 +621,9 @@ impl HostSource for ProcessCollector {
             if let Some(w) = &t.waits_on {
                 want.insert(w.clone(), 'D');
             }
-            if want.is_empty() {
+            // A process holding only sockets goes into the graph (its own node) when it is a pod's;
+            // host daemons with sockets are metrics only, or the graph fills with sshd & co.
+            if want.is_empty() && t.cgroup.as_ref().is_some_and(|c| c.pod_uid.is_some()) {
                 want.insert(format!("pid-{pid}"), t.state);
             }
             for (entity, st) in &want {

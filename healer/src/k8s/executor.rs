@@ -81,6 +81,11 @@ impl Executor {
         let alerts = self.store().snapshot();
         let plan = planner::plan(&alerts, &self.catalog, &self.config, &view, now);
         self.update_gauges(&plan, &view);
+        if !self.config.dry_run {
+            for n in planner::stale_tickets(&plan, &view) {
+                self.close_stale(&n.name).await;
+            }
+        }
 
         let mut runnable = Vec::new();
         let mut blocked = Vec::new();
@@ -131,6 +136,43 @@ impl Executor {
             self.store().gc(ts);
         }
         Ok(plan)
+    }
+
+    /// Closes an open ticket that never acted and whose condition resolved meanwhile.
+    async fn close_stale(&self, node: &str) {
+        let Some(kube) = &self.kube else { return };
+        let now = Timestamp::now();
+        let res = kube
+            .mutate_node(node, |n| match node_ticket(n) {
+                Some(Ok(mut t)) if t.status.is_open() && t.workflows.is_empty() => {
+                    t.status = TicketStatus::Closed;
+                    t.closed_at = Some(now);
+                    t.blocked = Some("condition resolved before any action".into());
+                    Ok(Some(ticket_patch(node, &t)?))
+                }
+                _ => Ok(None),
+            })
+            .await;
+        match res {
+            Ok(_) => {
+                self.reported
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(node);
+                self.audit.record(&AuditRecord {
+                    ts: now,
+                    node,
+                    condition: "",
+                    sop: "",
+                    step: None,
+                    action: "Close",
+                    status: "Closed",
+                    message: "condition resolved before any action",
+                    dry_run: false,
+                });
+            }
+            Err(e) => tracing::warn!(node, error = %e, "Stale ticket not closed"),
+        }
     }
 
     fn update_gauges(&self, plan: &Plan, view: &ClusterView) {

@@ -1,0 +1,278 @@
+//! `deploy/base` renders with kustomize and its core resources are accepted by a real kube-apiserver
+//! (`kubectl apply --dry-run=server`); the prometheus-operator overlay renders and its generated
+//! PrometheusRule is up to date with `alerts/` and passes `promtool check rules`; the plain
+//! Prometheus scrape snippet passes `promtool check config`.
+//!
+//! Regenerate the PrometheusRule with `scripts/gen-prometheusrule`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use ark_harness::{KubeCluster, repo_root};
+use serde_yaml::Value;
+
+const GENERATED: &str = "deploy/prometheus-operator/prometheusrule.yaml";
+
+fn rule_files(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("alerts"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".rules.yml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The PrometheusRule text for the current `alerts/*.rules.yml`.
+fn generate_prometheus_rule(root: &Path) -> Result<String> {
+    let mut groups = Vec::new();
+    for f in rule_files(root)? {
+        let v: Value = serde_yaml::from_str(&std::fs::read_to_string(&f)?)
+            .with_context(|| format!("parsing {}", f.display()))?;
+        let Some(gs) = v.get("groups").and_then(Value::as_sequence) else {
+            bail!("{} has no `groups`", f.display());
+        };
+        groups.extend(gs.iter().cloned());
+    }
+    let doc = serde_yaml::to_value(serde_json::json!({
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "ark",
+            "namespace": "ark-system",
+            "labels": {"app.kubernetes.io/name": "ark", "app.kubernetes.io/part-of": "ark"},
+        },
+        "spec": {"groups": Value::Null},
+    }))?;
+    let mut doc = doc;
+    doc["spec"]["groups"] = Value::Sequence(groups);
+    Ok(format!(
+        "# GENERATED from alerts/*.rules.yml by scripts/gen-prometheusrule. Do not edit by hand:\n\
+         # a test fails when this file and alerts/ disagree.\n{}",
+        serde_yaml::to_string(&doc)?
+    ))
+}
+
+fn run(cmd: &Path, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    use std::io::Write;
+    let mut child = Command::new(cmd)
+        .args(args)
+        .current_dir(repo_root())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", cmd.display()))?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(input.as_bytes())?;
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{} {args:?} failed ({}):\n{}{}",
+            cmd.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn kubectl() -> Result<PathBuf> {
+    Ok(ark_harness::kube_bin_dir()?.join("kubectl"))
+}
+
+#[test]
+fn prometheus_rule_is_generated_from_alerts_and_valid() -> Result<()> {
+    let root = repo_root();
+    let want = generate_prometheus_rule(&root)?;
+    if std::env::var("ARK_UPDATE_GENERATED").is_ok_and(|v| v == "1") {
+        std::fs::write(root.join(GENERATED), &want)?;
+    }
+    let have = std::fs::read_to_string(root.join(GENERATED)).unwrap_or_default();
+    assert!(
+        have == want,
+        "{GENERATED} is out of date with alerts/*.rules.yml: run scripts/gen-prometheusrule"
+    );
+    // The rules inside it are what promtool accepts.
+    let doc: Value = serde_yaml::from_str(&have)?;
+    let dir = tempfile::tempdir()?;
+    let rules = dir.path().join("embedded.rules.yml");
+    let mut groups = serde_yaml::Mapping::new();
+    groups.insert("groups".into(), doc["spec"]["groups"].clone());
+    std::fs::write(&rules, serde_yaml::to_string(&groups)?)?;
+    let out = run(
+        Path::new("promtool"),
+        &["check", "rules", rules.to_str().unwrap_or_default()],
+        None,
+    )?;
+    assert!(out.contains("SUCCESS"), "{out}");
+    let n = doc["spec"]["groups"].as_sequence().map_or(0, Vec::len);
+    assert!(
+        n >= rule_files(&root)?.len(),
+        "every rule file contributes its groups"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_stale_prometheus_rule_is_detected() -> Result<()> {
+    // The comparison above must be able to fail: a changed alert changes the generated text.
+    let root = repo_root();
+    let tmp = tempfile::tempdir()?;
+    std::fs::create_dir(tmp.path().join("alerts"))?;
+    for f in rule_files(&root)? {
+        std::fs::copy(
+            &f,
+            tmp.path()
+                .join("alerts")
+                .join(f.file_name().unwrap_or_default()),
+        )?;
+    }
+    let before = generate_prometheus_rule(tmp.path())?;
+    let first = rule_files(tmp.path())?.remove(0);
+    let text = std::fs::read_to_string(&first)?;
+    std::fs::write(
+        &first,
+        text.replacen("severity: critical", "severity: warning", 1),
+    )?;
+    assert_ne!(before, generate_prometheus_rule(tmp.path())?);
+    Ok(())
+}
+
+#[test]
+fn prometheus_scrape_snippet_is_a_valid_config() -> Result<()> {
+    let root = repo_root();
+    let snippet: Value = serde_yaml::from_str(&std::fs::read_to_string(
+        root.join("deploy/prometheus/scrape.yml"),
+    )?)?;
+    let dir = tempfile::tempdir()?;
+    let mut cfg = serde_yaml::Mapping::new();
+    let files: Vec<Value> = rule_files(&root)?
+        .iter()
+        .map(|p| Value::from(p.display().to_string()))
+        .collect();
+    cfg.insert("rule_files".into(), Value::Sequence(files));
+    // Debian's Prometheus is built without Kubernetes service discovery, so promtool here does
+    // not know `kubernetes_sd_configs`: validate everything else (relabelling included) with a
+    // static target in its place.
+    let mut scrape = snippet["scrape_configs"].clone();
+    for job in scrape
+        .as_sequence_mut()
+        .map(|s| s.iter_mut())
+        .into_iter()
+        .flatten()
+    {
+        let Some(m) = job.as_mapping_mut() else {
+            continue;
+        };
+        assert!(
+            m.remove("kubernetes_sd_configs").is_some(),
+            "jobs discover pods"
+        );
+        let targets: Value = serde_yaml::from_str("[{targets: ['127.0.0.1:9487']}]")?;
+        m.insert("static_configs".into(), targets);
+    }
+    cfg.insert("scrape_configs".into(), scrape);
+    let path = dir.path().join("prometheus.yml");
+    std::fs::write(&path, serde_yaml::to_string(&cfg)?)?;
+    let out = run(
+        Path::new("promtool"),
+        &["check", "config", path.to_str().unwrap_or_default()],
+        None,
+    )?;
+    assert!(out.contains("SUCCESS"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn overlay_renders_with_servicemonitors_and_rules() -> Result<()> {
+    if ark_harness::skip_without_services("overlay_renders_with_servicemonitors_and_rules") {
+        return Ok(());
+    }
+    let out = run(
+        &kubectl()?,
+        &["kustomize", "deploy/prometheus-operator"],
+        None,
+    )?;
+    for kind in [
+        "kind: PrometheusRule",
+        "kind: ServiceMonitor",
+        "kind: DaemonSet",
+        "kind: Deployment",
+    ] {
+        assert!(out.contains(kind), "overlay lacks {kind}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn base_is_accepted_by_a_real_apiserver() -> Result<()> {
+    if ark_harness::skip_without_services("base_is_accepted_by_a_real_apiserver") {
+        return Ok(());
+    }
+    let kube = KubeCluster::start().await?;
+    let rendered = run(&kubectl()?, &["kustomize", "deploy/base"], None)?;
+    let kinds: Vec<&str> = rendered
+        .lines()
+        .filter(|l| l.starts_with("kind: "))
+        .collect();
+    for kind in [
+        "Namespace",
+        "DaemonSet",
+        "Deployment",
+        "ServiceAccount",
+        "ClusterRole",
+        "Service",
+    ] {
+        assert!(
+            kinds.contains(&format!("kind: {kind}").as_str()),
+            "base lacks a {kind}: {kinds:?}"
+        );
+    }
+    // Server-side dry run needs the namespace to exist; everything else is only validated.
+    kube.kubectl(&["create", "namespace", "ark-system"])?;
+    let kubeconfig = kube.kubeconfig("admin");
+    let out = run(
+        &kubectl()?,
+        &[
+            &format!("--kubeconfig={}", kubeconfig.display()),
+            "apply",
+            "--dry-run=server",
+            "-f",
+            "-",
+        ],
+        Some(&rendered),
+    )?;
+    assert!(
+        out.contains("daemonset.apps/ark-exporter created (server dry run)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("deployment.apps/ark-healer created (server dry run)"),
+        "{out}"
+    );
+    // The server really validated it: a broken copy is refused.
+    let broken = rendered.replacen("hostPID: true", "hostPID: maybe", 1);
+    let err = run(
+        &kubectl()?,
+        &[
+            &format!("--kubeconfig={}", kubeconfig.display()),
+            "apply",
+            "--dry-run=server",
+            "-f",
+            "-",
+        ],
+        Some(&broken),
+    )
+    .expect_err("a non-boolean hostPID must be refused");
+    assert!(err.to_string().to_lowercase().contains("hostpid"), "{err}");
+    Ok(())
+}
