@@ -633,3 +633,66 @@ fn host_events_link_stalled_processes_to_devices_in_the_causal_graph() {
     let why = p.why(300).expect("pid 300 in the graph");
     assert!(why.iter().any(|c| c.resource == "nvme0n1"), "{why:?}");
 }
+
+/// `ark-exporter --path.procfs F/proc --path.sysfs F/sys` serves the fixture's host metrics: the
+/// flags reach every host collector.
+#[test]
+fn serve_with_path_flags_reads_the_fixture_tree() {
+    use std::io::Read;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = fixture();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ark-exporter"))
+        .args(["--web.listen-address", &format!("127.0.0.1:{port}")])
+        .args(["--node-name", "fx"])
+        .arg("--path.procfs")
+        .arg(f.join("proc"))
+        .arg("--path.sysfs")
+        .arg(f.join("sys"))
+        .args(["--no-collector", "ebpf", "--no-collector", "pods"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let scrape = || -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .ok()?;
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).ok()?;
+        Some(raw)
+    };
+    let want = [
+        "ark_ib_port_up{device=\"mlx5_0\",port=\"1\",node=\"fx\"} 1",
+        "ark_netdev_drops_total{device=\"eth0\",direction=\"rx\",node=\"fx\"} 7",
+        "ark_block_io_in_flight{device=\"nvme0n1\",node=\"fx\"} 17",
+        "ark_pressure_ratio{resource=\"io\"",
+        "ark_process_waits_on{pid=\"300\"",
+        "ark_collector_up{collector=\"infiniband\",node=\"fx\"} 1",
+        "ark_collector_up{collector=\"process\",node=\"fx\"} 1",
+    ];
+    let mut last = String::new();
+    // A deadline for the first polls, not a timed assertion.
+    for _ in 0..250 {
+        if let Some(text) = scrape() {
+            last = text;
+            if want.iter().all(|w| last.contains(w)) {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(40));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    for w in want {
+        assert!(last.contains(w), "missing {w}\n{last}");
+    }
+}
