@@ -111,8 +111,8 @@ pub struct ServeArgs {
     /// Kubeconfig for the pod watch (default: KUBECONFIG, ~/.kube/config, in-cluster).
     #[arg(long = "kubeconfig", value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
-    /// Enable a collector (repeatable; also `--collector.NAME`). Known: probe, ebpf, netdev,
-    /// infiniband, block, pressure, process, pods.
+    /// Enable a collector (repeatable; also `--collector.NAME`). Known: probe, ebpf, nvml (nvml is
+    /// off by default), netdev, infiniband, block, pressure, process, pods.
     #[arg(long = "collector", value_name = "NAME")]
     pub enable: Vec<String>,
     /// Disable a collector (repeatable; also `--no-collector.NAME`).

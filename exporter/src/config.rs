@@ -17,7 +17,8 @@ use crate::rules::format::DurationSpec;
 use crate::{Error, Result};
 
 /// Top-level keys, used to pick our variables out of `ARK_*` (other tools use that prefix too).
-const TOP_KEYS: [&str; 9] = [
+const TOP_KEYS: [&str; 10] = [
+    "nvml",
     "probes",
     "ebpf",
     "rules_dir",
@@ -215,6 +216,8 @@ pub struct Config {
     pub pipeline: PipelineSection,
     pub probe: ProbeSection,
     pub ebpf: EbpfSection,
+    /// `[nvml]`: the NVML collector (see `docs/nvml.md`).
+    pub nvml: crate::collectors::nvml::NvmlSection,
     /// `[host]`: procfs/sysfs collectors and pod attribution.
     pub host: crate::collectors::host::HostConfig,
 }

@@ -55,15 +55,25 @@ fn gpu_index(entity: &str) -> Option<u32> {
 }
 
 impl GpuFaults {
-    /// Counts the event if it is a GPU fault; true when something changed.
+    /// Counts the event if it is a GPU fault; true when something changed. Any event naming a
+    /// GPU starts its ECC counter at 0, so that the first fault is an increase (`increase()`
+    /// sees nothing in a series that appears already at 1).
     pub fn observe(&mut self, ev: &Event) -> bool {
-        if ev.event_type != EventType::ErrorHw {
-            return false;
-        }
-        let (Some(gpu), Some(fault)) = (gpu_index(&ev.entity_id), parse_fault(&ev.value)) else {
+        let Some(gpu) = gpu_index(&ev.entity_id) else {
             return false;
         };
         let full = self.xids.len() + self.ecc.len() >= MAX_SERIES;
+        let mut changed = false;
+        if !full && !self.ecc.contains_key(&gpu) {
+            self.ecc.insert(gpu, 0);
+            changed = true;
+        }
+        if ev.event_type != EventType::ErrorHw {
+            return changed;
+        }
+        let Some(fault) = parse_fault(&ev.value) else {
+            return changed;
+        };
         match fault {
             GpuFault::Xid(xid) => match self.xids.get_mut(&(gpu, xid)) {
                 Some((n, ts)) => {
@@ -77,10 +87,7 @@ impl GpuFaults {
             },
             GpuFault::EccUncorrected => match self.ecc.get_mut(&gpu) {
                 Some(n) => *n += 1,
-                None if full => self.dropped += 1,
-                None => {
-                    self.ecc.insert(gpu, 1);
-                }
+                None => self.dropped += 1,
             },
         }
         true
@@ -181,12 +188,21 @@ mod tests {
         assert!(!f.observe(&ev("nvme0n1", "XID_79", 1)), "not a GPU");
         let mut not_error = ev("gpu-1", "XID_79", 1);
         not_error.event_type = EventType::ComputeUtil;
-        assert!(!f.observe(&not_error));
+        assert!(
+            f.observe(&not_error),
+            "a GPU seen for the first time starts at 0"
+        );
+        assert!(!f.observe(&not_error), "and only once");
         let fams = f.families();
         let xid = &fams[0].get_metric()[0];
         assert_eq!(xid.get_counter().get_value(), 2.0);
         assert_eq!(fams[1].get_metric()[0].get_gauge().get_value(), 2.0);
-        assert_eq!(fams[2].get_metric()[0].get_counter().get_value(), 1.0);
+        let ecc: Vec<f64> = fams[2]
+            .get_metric()
+            .iter()
+            .map(|m| m.get_counter().get_value())
+            .collect();
+        assert_eq!(ecc, [1.0, 0.0, 0.0], "gpu-0 had one, gpu-1 and gpu-3 none");
     }
 
     #[test]
@@ -195,7 +211,7 @@ mod tests {
         for x in 0..(MAX_SERIES as u32 + 10) {
             f.observe(&ev("gpu-0", &format!("XID_{x}"), 1));
         }
-        assert_eq!(f.xids.len(), MAX_SERIES);
-        assert_eq!(f.dropped(), 10);
+        assert_eq!(f.xids.len() + f.ecc.len(), MAX_SERIES);
+        assert_eq!(f.dropped(), 11);
     }
 }

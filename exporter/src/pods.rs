@@ -368,6 +368,13 @@ impl PodResolver {
         Some(self.lookup(uid, info.container_id.as_deref()))
     }
 
+    /// The pod of a process: reads `<procfs>/<pid>/cgroup` (`None` for host processes, gone
+    /// processes and unreadable files). One small file read per call.
+    pub fn resolve_pid(&self, procfs: &Path, pid: u32) -> Option<PodRef> {
+        let text = std::fs::read_to_string(procfs.join(pid.to_string()).join("cgroup")).ok()?;
+        self.resolve(&parse_cgroup(&text)?)
+    }
+
     /// Remembers the cgroup id of a cgroup whose owner is known (the `process` collector calls
     /// this for v2 processes it attributes).
     pub fn record_cgroup(&self, id: u64, info: &CgroupInfo) {

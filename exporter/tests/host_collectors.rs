@@ -696,3 +696,20 @@ fn serve_with_path_flags_reads_the_fixture_tree() {
         assert!(last.contains(w), "missing {w}\n{last}");
     }
 }
+
+#[test]
+fn pid_to_pod_for_other_collectors() {
+    // What the NVML collector uses for `ark_gpu_process_memory_bytes{pod,namespace,container}`.
+    let cfg = cfg_at(&fixture());
+    let pods = PodResolver::new(&cfg.sysfs);
+    assert_eq!(
+        pods.resolve_pid(&cfg.procfs, 100).map(|p| p.uid).as_deref(),
+        Some(POD_V2)
+    );
+    assert_eq!(
+        pods.resolve_pid(&cfg.procfs, 200).map(|p| p.uid).as_deref(),
+        Some(POD_V1)
+    );
+    assert_eq!(pods.resolve_pid(&cfg.procfs, 300), None);
+    assert_eq!(pods.resolve_pid(&cfg.procfs, 999_999), None);
+}

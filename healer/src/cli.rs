@@ -1,19 +1,20 @@
 //! Command line: `serve`, `plan`, `tickets`. Flags say how the process runs; what it does comes
 //! from the configuration file and `ARK_*` (see [`crate::config`]).
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use jiff::Timestamp;
 use tokio::sync::{Notify, mpsc};
 
-use crate::alerts::{AlertStore, parse_alert_file};
+use crate::alerts::{AlertStore, Applied, parse_alert_file};
 use crate::audit::Audit;
 use crate::catalog::Catalog;
 use crate::config::Config;
@@ -209,23 +210,38 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
 
-    let (tx, mut rx) = mpsc::channel(cfg.queue_capacity);
+    let (tx, mut rx) = mpsc::channel::<Vec<crate::alerts::Alert>>(cfg.queue_capacity);
     let store = Arc::new(Mutex::new(AlertStore::new(cfg.max_alerts)));
     let wake = Arc::new(Notify::new());
+    // Nodes that received alert changes since the last pass: a wake-up advances only these.
+    let dirty: Arc<Mutex<HashSet<String>>> = Arc::default();
     {
         let store = store.clone();
         let wake = wake.clone();
+        let dirty = dirty.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
                 metrics.queue_depth.dec();
+                let mut changed = Vec::new();
                 {
                     let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
                     for a in batch {
-                        s.apply(a);
+                        let node = a.node().map(str::to_owned);
+                        if s.apply(a) == Applied::Changed
+                            && let Some(n) = node
+                        {
+                            changed.push(n);
+                        }
                     }
                 }
-                wake.notify_one();
+                if !changed.is_empty() {
+                    dirty
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(changed);
+                    wake.notify_one();
+                }
             }
         });
     }
@@ -244,15 +260,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let ready = ready.clone();
         let executor = executor.clone();
         tokio::spawn(async move {
+            let mut next_full = Instant::now();
             loop {
+                let wait = next_full.saturating_duration_since(Instant::now());
                 tokio::select! {
                     () = wake.notified() => {}
-                    () = tokio::time::sleep(interval) => {}
+                    () = tokio::time::sleep(wait) => {}
                 }
                 if !ready.load(Ordering::SeqCst) {
+                    next_full = Instant::now() + interval;
                     continue;
                 }
-                if let Err(e) = executor.reconcile().await {
+                let only = std::mem::take(&mut *dirty.lock().unwrap_or_else(|p| p.into_inner()));
+                let result = if Instant::now() >= next_full {
+                    next_full = Instant::now() + interval;
+                    executor.reconcile(None).await
+                } else {
+                    executor.reconcile(Some(&only)).await
+                };
+                if let Err(e) = result {
                     tracing::warn!(error = %e, "Reconcile pass failed");
                 }
             }

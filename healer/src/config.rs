@@ -174,10 +174,19 @@ impl Config {
             }
             fig = fig.merge(Toml::file(f));
         }
-        // The webhook token is a process secret (flag/env), not configuration.
+        // `ARK_*` is shared with the exporter, the test harness (ARK_BIN_DIR, ...) and the
+        // webhook token (a process secret, not configuration): only variables naming one of our
+        // top-level keys are configuration; below that level unknown keys are still errors.
+        let known: Vec<String> = match serde_json::to_value(Config::default()) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
         fig = fig.merge(
             Env::prefixed("ARK_")
-                .ignore(&["HEALER_WEBHOOK_TOKEN"])
+                .filter(move |k| {
+                    let top = k.as_str().split("__").next().unwrap_or("");
+                    known.iter().any(|n| n.eq_ignore_ascii_case(top))
+                })
                 .split("__"),
         );
         let cfg: Config = fig.extract().map_err(|e| Error::Config {
@@ -228,6 +237,7 @@ mod tests {
             )?;
             jail.set_env("ARK_BUDGET__MAX_UNSCHEDULABLE_PERCENT", "50");
             jail.set_env("ARK_HEALER_WEBHOOK_TOKEN", "secret");
+            jail.set_env("ARK_BIN_DIR", "/elsewhere"); // someone else's ARK_* variable
             let c = Config::load(Some(Path::new("healer.toml"))).unwrap();
             assert!(c.dry_run);
             assert_eq!(c.cooldown_seconds, 60);
@@ -238,6 +248,9 @@ mod tests {
             let e = Config::load(Some(Path::new("bad.toml"))).unwrap_err();
             assert!(e.to_string().contains("dry_rum"), "{e}");
             assert!(Config::load(Some(Path::new("missing.toml"))).is_err());
+            jail.set_env("ARK_BUDGET__MAX_UNSCHEDULABEL", "3");
+            let e = Config::load(None).unwrap_err();
+            assert!(e.to_string().contains("max_unschedulabel"), "{e}");
             Ok(())
         });
     }

@@ -39,6 +39,8 @@ pub struct PromConfig {
     pub wait_targets_up: bool,
     /// Use this port instead of a free one (fails clearly when taken).
     pub port: Option<u16>,
+    /// Keep the exporter's own `job`/`pod`/`namespace` labels (as deploy/prometheus does).
+    pub honor_labels: bool,
 }
 
 impl Default for PromConfig {
@@ -51,6 +53,7 @@ impl Default for PromConfig {
             alertmanager: None,
             wait_targets_up: true,
             port: None,
+            honor_labels: true,
         }
     }
 }
@@ -98,7 +101,8 @@ impl Prometheus {
         yaml.push_str("scrape_configs:\n");
         for (job, addr) in &cfg.targets {
             yaml.push_str(&format!(
-                "  - job_name: {job:?}\n    static_configs:\n      - targets: [{addr:?}]\n"
+                "  - job_name: {job:?}\n    honor_labels: {}\n    static_configs:\n      - targets: [{addr:?}]\n",
+                cfg.honor_labels
             ));
         }
         let config = dir.path().join("prometheus.yml");

@@ -149,7 +149,7 @@ async fn healer_bench_webhook_to_cordon_on_the_real_apiserver() -> Result<()> {
                 "{name} not cordoned: {}",
                 healer.service.log_tail(20)
             );
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
         ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }

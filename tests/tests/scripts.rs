@@ -51,3 +51,37 @@ fn scripts_explain_themselves_and_reject_unknown_arguments() {
         assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown argument"));
     }
 }
+
+#[test]
+fn demo_prints_the_whole_timeline() {
+    if ark_harness::skip_without_services("demo_prints_the_whole_timeline") {
+        return;
+    }
+    // A port base away from the default, so a demo a person left running does not collide.
+    let base = 40_000 + (std::process::id() % 2_000) * 10;
+    let out = Command::new("scripts/demo")
+        .arg("--once")
+        .env("ARK_DEMO_PORT_BASE", base.to_string())
+        .current_dir(ark_harness::repo_root())
+        .output()
+        .expect("scripts/demo runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "fault ", "metric ", "graph ", "alert ", "notify ", "plan ", "action ", "ticket ",
+    ] {
+        assert!(text.contains(step), "the timeline lacks `{step}`:\n{text}");
+    }
+    assert!(
+        text.contains("GpuFellOffBus firing in Prometheus"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Cordon → Taint(ark.io/unhealthy:NoSchedule) → Drain → RunJob(reboot)"),
+        "{text}"
+    );
+}

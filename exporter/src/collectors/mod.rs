@@ -27,6 +27,7 @@ pub mod ebpf;
 pub mod host;
 pub mod infiniband;
 pub mod netdev;
+pub mod nvml;
 pub mod pods;
 pub mod pressure;
 pub mod probe;
@@ -50,6 +51,8 @@ pub enum CollectorKind {
     Probe,
     /// Kernel programs: TCP retransmits, block I/O latency, exits, OOM kills.
     Ebpf,
+    /// NVIDIA GPUs through NVML (off by default: `--collector nvml`).
+    Nvml,
     /// `/proc/net/dev` + `/sys/class/net` ([`netdev`]).
     Netdev,
     /// `/sys/class/infiniband` ([`infiniband`]).
@@ -68,6 +71,7 @@ impl CollectorKind {
     pub const ALL: &'static [CollectorKind] = &[
         CollectorKind::Probe,
         CollectorKind::Ebpf,
+        CollectorKind::Nvml,
         CollectorKind::Netdev,
         CollectorKind::Infiniband,
         CollectorKind::Block,
@@ -81,6 +85,7 @@ impl CollectorKind {
         match self {
             CollectorKind::Probe => "probe",
             CollectorKind::Ebpf => "ebpf",
+            CollectorKind::Nvml => "nvml",
             CollectorKind::Netdev => "netdev",
             CollectorKind::Infiniband => "infiniband",
             CollectorKind::Block => "block",
@@ -95,6 +100,7 @@ impl CollectorKind {
         match self {
             CollectorKind::Probe => true,
             CollectorKind::Ebpf => true,
+            CollectorKind::Nvml => false,
             // Host collectors whose files are absent report `up 0` and cost nothing.
             CollectorKind::Netdev
             | CollectorKind::Infiniband
@@ -114,6 +120,7 @@ impl CollectorKind {
         Ok(match self {
             CollectorKind::Probe => Box::new(probe::ProbeCollector::new(cfg)),
             CollectorKind::Ebpf => Box::new(ebpf::EbpfCollector::new(cfg)),
+            CollectorKind::Nvml => Box::new(nvml::NvmlCollector::new(cfg)),
             CollectorKind::Netdev => {
                 host::collector(self, cfg, |h, _| Box::new(netdev::NetdevCollector::new(h)))
             }
@@ -218,8 +225,13 @@ mod tests {
     #[test]
     fn enable_disable_order() {
         let mut cfg = Config::default();
-        assert_eq!(enabled(&cfg, &[], &[]).unwrap(), CollectorKind::ALL);
-        for k in CollectorKind::ALL {
+        let defaults: Vec<_> = CollectorKind::ALL
+            .iter()
+            .copied()
+            .filter(|k| *k != CollectorKind::Nvml)
+            .collect();
+        assert_eq!(enabled(&cfg, &[], &[]).unwrap(), defaults);
+        for k in &defaults {
             cfg.collectors.insert(k.name().into(), false);
         }
         assert!(enabled(&cfg, &[], &[]).unwrap().is_empty());

@@ -4,7 +4,7 @@
 //! guarded by resourceVersion), in an Event and in the audit log. The ticket is the only state:
 //! a restarted healer reads it and continues with the first step that has not succeeded.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -72,7 +72,11 @@ impl Executor {
     }
 
     /// One pass: read the cluster, plan, act. Returns the plan it acted on.
-    pub async fn reconcile(&self) -> Result<Plan> {
+    ///
+    /// `only`: advance only these nodes' SOPs (the nodes new alerts arrived for), so a new alert
+    /// does not wait behind every node whose Job is still running; `None` (the periodic pass)
+    /// advances all. Planning, and so the disruption budget, always covers the whole cluster.
+    pub async fn reconcile(&self, only: Option<&HashSet<String>>) -> Result<Plan> {
         let view = match &self.kube {
             Some(k) => k.cluster_view().await?,
             None => ClusterView::default(),
@@ -110,7 +114,9 @@ impl Executor {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&p.node);
-                    runnable.push(p);
+                    if only.is_none_or(|o| o.contains(&p.node)) {
+                        runnable.push(p);
+                    }
                 }
             }
         }
@@ -284,8 +290,7 @@ impl Executor {
                     true,
                     "Escalated",
                     message,
-                )
-                .await;
+                );
                 self.metrics
                     .sop_total
                     .with_label_values(&[p.sop.as_str(), "escalated"])
@@ -343,11 +348,17 @@ impl Executor {
     /// Advances one node's SOP as far as it can go now, one recorded step at a time.
     pub async fn advance(&self, kube: &Kube, p: &NodePlan) -> Result<()> {
         let ns = self.config.events_namespace.as_str();
+        // The node as our last write returned it: saves a GET per step. None: read it.
+        let mut cached: Option<Node> = None;
         // Bound the loop: every iteration either completes a step or returns.
         for _ in 0..(p.step_list.len() * 3 + 6) {
             let now = Timestamp::now();
-            let Some(node) = kube.get_node(&p.node).await? else {
-                return Ok(());
+            let node = match cached.take() {
+                Some(n) => n,
+                None => match kube.get_node(&p.node).await? {
+                    Some(n) => n,
+                    None => return Ok(()),
+                },
             };
             let current = match node_ticket(&node) {
                 Some(Ok(t)) => Some(t),
@@ -379,8 +390,8 @@ impl Executor {
                     };
                     let msg = format!("{} ({}): SOP {} started", p.condition, p.reason, p.sop);
                     self.audit_step(p, None, "Open", "Created", &msg);
-                    kube.event(ns, &node, true, "RemediationStarted", &msg)
-                        .await;
+                    kube.event(ns, &node, true, "RemediationStarted", &msg);
+                    cached = Some(node);
                     continue;
                 }
             };
@@ -414,8 +425,8 @@ impl Executor {
                         false,
                         &format!("{}Started", step.action()),
                         &format!("{step} started"),
-                    )
-                    .await;
+                    );
+                    cached = Some(node);
                 }
                 continue;
             }
@@ -470,7 +481,8 @@ impl Executor {
                         .inc();
                     self.audit_step(p, Some(index), step.action(), "Succeeded", &message);
                     let warn = matches!(step, Step::Escalate);
-                    kube.event(ns, &node, warn, step.action(), &message).await;
+                    kube.event(ns, &node, warn, step.action(), &message);
+                    cached = Some(node);
                     if let Some(job) = job {
                         steps::run_job_cleanup(kube, &self.config.jobs_namespace, &job).await;
                     }
@@ -533,8 +545,7 @@ impl Executor {
                         true,
                         "Escalated",
                         &format!("{step} failed: {message}; escalated to humans"),
-                    )
-                    .await;
+                    );
                     return Ok(());
                 }
             }
@@ -568,8 +579,7 @@ impl Executor {
                 false,
                 "RemediationResolved",
                 &msg,
-            )
-            .await;
+            );
         }
         Ok(())
     }

@@ -186,16 +186,9 @@ impl Kube {
         Ok(ClusterView { nodes, live: true })
     }
 
-    /// Posts a core/v1 Event about `node`. Failures are logged, never fatal: the ticket and the
-    /// audit log are the record that matters.
-    pub async fn event(
-        &self,
-        namespace: &str,
-        node: &Node,
-        warning: bool,
-        reason: &str,
-        message: &str,
-    ) {
+    /// Posts a core/v1 Event about `node` in the background (a step does not wait for it).
+    /// Failures are logged, never fatal: the ticket and the audit log are the record that matters.
+    pub fn event(&self, namespace: &str, node: &Node, warning: bool, reason: &str, message: &str) {
         let name = node.metadata.name.clone().unwrap_or_default();
         let now = Time(Timestamp::now());
         let ev = Event {
@@ -227,10 +220,14 @@ impl Kube {
             ..Default::default()
         };
         let api: Api<Event> = Api::namespaced(self.client.clone(), namespace);
-        let pp = PostParams::default();
-        if let Err(e) = self.call("create event", || api.create(&pp, &ev)).await {
-            tracing::warn!(node = %name, reason, error = %e, "Event not recorded");
-        }
+        let kube = self.clone();
+        let reason = reason.to_owned();
+        tokio::spawn(async move {
+            let pp = PostParams::default();
+            if let Err(e) = kube.call("create event", || api.create(&pp, &ev)).await {
+                tracing::warn!(node = %name, reason, error = %e, "Event not recorded");
+            }
+        });
     }
 }
 

@@ -34,7 +34,12 @@ impl Healer {
         std::fs::write(
             &config,
             format!(
-                "reconcile_interval_seconds = 1\naudit_log = \"{}\"\n{toml}",
+                "{}audit_log = \"{}\"\n{toml}",
+                if toml.contains("reconcile_interval_seconds") {
+                    ""
+                } else {
+                    "reconcile_interval_seconds = 1\n"
+                },
                 audit.display()
             ),
         )?;

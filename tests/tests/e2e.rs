@@ -1,0 +1,723 @@
+//! End to end, with real parts only: `ark-exporter` (one per node, fed by a probe that injects
+//! faults on cue, plus its built-in collectors) → real Prometheus evaluating `alerts/` (time-scaled
+//! copies: same expressions, every duration ÷ 60, see `ark_harness::rules`) → real Alertmanager →
+//! `ark-healer` acting on a real kube-apiserver whose Node names match the exporters' `node`
+//! labels. No kubelet runs: the fake kubelet finishes evicted pods' deletion and the tests
+//! complete the healer's Jobs the way a kubelet would.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use ark_harness::{
+    Alertmanager, AmConfig, FakeKubelet, KubeCluster, PromConfig, Prometheus, Service, bin_path,
+    free_port, repo_root, wait_for,
+};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, ListParams};
+use serde_yaml::Value;
+
+const TOKEN: &str = "e2e-webhook-token";
+/// Rule durations are divided by this (2m → 2 s, 10m → 10 s).
+const TIME_SCALE: u64 = 60;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// One simulated GPU node: its exporter and the file its probe follows.
+struct NodeRig {
+    name: String,
+    inject: PathBuf,
+    port: u16,
+    _exporter: Service,
+}
+
+struct Stack {
+    kube: KubeCluster,
+    _kubelet: FakeKubelet,
+    nodes: Vec<NodeRig>,
+    prom: Prometheus,
+    _am: Alertmanager,
+    healer: Option<Service>,
+    healer_port: u16,
+    healer_config: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+struct Options {
+    interval: Duration,
+    /// `[budget] max_unschedulable`.
+    budget: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            interval: Duration::from_secs(1),
+            budget: 100,
+        }
+    }
+}
+
+impl Stack {
+    async fn start(node_names: &[&str], opts: Options) -> Result<Stack> {
+        let dir = tempfile::Builder::new().prefix("ark-e2e-").tempdir()?;
+        let d = dir.path().to_owned();
+        let kube = KubeCluster::start().await?;
+        let kubelet = kube.start_fake_kubelet().await?;
+        kube.ensure_namespace("ark-system").await?;
+        // The healer runs with exactly the RBAC it ships with.
+        kube.kubectl(&[
+            "apply",
+            "-f",
+            &repo_root()
+                .join("deploy/healer/rbac.yaml")
+                .display()
+                .to_string(),
+        ])?;
+
+        let mut nodes = Vec::new();
+        for name in node_names {
+            kube.create_node(name, &[("nvidia.com/gpu.present", "true")])
+                .await?;
+            let inject = d.join(format!("{name}.jsonl"));
+            std::fs::write(&inject, "")?;
+            let probe = d.join(format!("{name}-probe.sh"));
+            // `--pid=$PPID`: the probe ends with its exporter, even one killed with SIGKILL.
+            std::fs::write(
+                &probe,
+                format!(
+                    "#!/bin/sh\nexec tail --pid=$PPID -n +1 -F {}\n",
+                    inject.display()
+                ),
+            )?;
+            std::fs::set_permissions(&probe, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+            let port = free_port();
+            let exporter = Service::spawn(
+                &format!("ark-exporter-{name}"),
+                Command::new(bin_path("ark-exporter"))
+                    .args(["--web.listen-address", &format!("127.0.0.1:{port}")])
+                    .args(["--node-name", name])
+                    .args(["--probe", &probe.display().to_string()])
+                    .args(["--rules", &repo_root().join("rules").display().to_string()])
+                    .args(["--no-collector", "ebpf"]),
+                &d.join(format!("exporter-{name}.log")),
+            )?;
+            nodes.push(NodeRig {
+                name: (*name).to_owned(),
+                inject,
+                port,
+                _exporter: exporter,
+            });
+        }
+
+        let token_file = d.join("token");
+        std::fs::write(&token_file, TOKEN)?;
+        let healer_port = free_port();
+        let healer_config = d.join("healer.toml");
+        std::fs::write(
+            &healer_config,
+            format!(
+                "dry_run = false\ncooldown_seconds = 0\nevents_namespace = \"kube-system\"\n\
+                 jobs_namespace = \"ark-system\"\naudit_log = \"{}\"\nreconcile_interval_seconds = 1\n\
+                 [budget]\nmax_unschedulable = {}\nmax_unschedulable_percent = 100.0\n\
+                 [lease]\nenabled = true\nname = \"ark-healer\"\nnamespace = \"ark-system\"\nduration_seconds = 5\n",
+                d.join("audit.jsonl").display(),
+                opts.budget,
+            ),
+        )?;
+        let am = Alertmanager::start(AmConfig {
+            bearer_token: Some(TOKEN.into()),
+            group_interval: opts.interval,
+            repeat_interval: Duration::from_secs(3600),
+            ..AmConfig::webhook(format!("http://127.0.0.1:{healer_port}/api/v1/alerts"))
+        })
+        .await?;
+        let rules_dir = d.join("rules");
+        std::fs::create_dir(&rules_dir)?;
+        let rule_files = ark_harness::scaled_alert_rules(&rules_dir, TIME_SCALE)?;
+        let check = Command::new("promtool")
+            .arg("check")
+            .arg("rules")
+            .args(&rule_files)
+            .output()?;
+        if !check.status.success() {
+            bail!(
+                "time-scaled rules do not pass promtool: {}",
+                String::from_utf8_lossy(&check.stdout)
+            );
+        }
+        let prom = Prometheus::start(PromConfig {
+            scrape_interval: opts.interval,
+            evaluation_interval: opts.interval,
+            targets: nodes
+                .iter()
+                .map(|n| {
+                    (
+                        format!("ark-exporter-{}", n.name),
+                        format!("127.0.0.1:{}", n.port),
+                    )
+                })
+                .collect(),
+            rule_files,
+            alertmanager: Some(am.addr()),
+            ..PromConfig::default()
+        })
+        .await?;
+        let mut stack = Stack {
+            kube,
+            _kubelet: kubelet,
+            nodes,
+            prom,
+            _am: am,
+            healer: None,
+            healer_port,
+            healer_config,
+            dir,
+        };
+        stack.start_healer().await?;
+        Ok(stack)
+    }
+
+    async fn start_healer(&mut self) -> Result<()> {
+        let d = self.dir.path();
+        let n = std::fs::read_dir(d)?.count();
+        let healer = Service::spawn(
+            "ark-healer",
+            Command::new(bin_path("ark-healer"))
+                .arg("serve")
+                .args([
+                    "--web.listen-address",
+                    &format!("127.0.0.1:{}", self.healer_port),
+                ])
+                .args([
+                    "--webhook-token-file",
+                    &d.join("token").display().to_string(),
+                ])
+                .args(["--config", &self.healer_config.display().to_string()])
+                .args([
+                    "--kubeconfig",
+                    &self.kube.kubeconfig("healer").display().to_string(),
+                ])
+                .args(["--identity", &format!("e2e-{n}")]),
+            &d.join(format!("healer-{n}.log")),
+        )?;
+        let url = format!("http://127.0.0.1:{}/readyz", self.healer_port);
+        wait_for(
+            "ark-healer ready (leader)",
+            Duration::from_secs(60),
+            &[&healer],
+            || async {
+                Ok(reqwest::get(&url)
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+                    .then_some(()))
+            },
+        )
+        .await?;
+        self.healer = Some(healer);
+        Ok(())
+    }
+
+    fn node(&self, name: &str) -> &NodeRig {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .expect("known node")
+    }
+
+    /// Appends one event line to the node's probe input (timestamped now).
+    fn inject(
+        &self,
+        node: &str,
+        event_type: &str,
+        entity: &str,
+        value: &str,
+        pid: Option<u32>,
+        job: Option<&str>,
+    ) -> Result<()> {
+        let line = serde_json::json!({
+            "ts": now_ms(), "event_type": event_type, "entity_id": entity,
+            "job_id": job, "pid": pid, "value": value,
+        });
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.node(node).inject)?;
+        writeln!(f, "{line}")?;
+        Ok(())
+    }
+
+    async fn node_obj(&self, name: &str) -> Result<Node> {
+        let api: Api<Node> = Api::all(self.kube.client("admin").await?);
+        Ok(api.get(name).await?)
+    }
+
+    /// The node's ticket annotation, parsed.
+    async fn ticket(&self, name: &str) -> Result<Option<Value>> {
+        let node = self.node_obj(name).await?;
+        let Some(text) = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("ark.io/ticket"))
+        else {
+            return Ok(None);
+        };
+        Ok(Some(
+            serde_yaml::from_str(text).with_context(|| format!("ticket of {name}: {text}"))?,
+        ))
+    }
+
+    async fn wait_ticket(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let alive: Vec<&Service> = self.healer.iter().collect();
+        wait_for(&format!("{name}: {what}"), timeout, &alive, || async {
+            Ok(self.ticket(name).await?.filter(|t| pred(t)))
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "healer log:\n{}",
+                self.healer
+                    .as_ref()
+                    .map(|h| h.log_tail(30))
+                    .unwrap_or_default()
+            )
+        })
+    }
+
+    /// Jobs the healer created for `node` from `template`.
+    async fn jobs(&self, node: &str, template: &str) -> Result<Vec<Job>> {
+        let api: Api<Job> = Api::namespaced(self.kube.client("admin").await?, "ark-system");
+        let jobs = api
+            .list(&ListParams::default().labels(&format!("ark.io/template={template}")))
+            .await?;
+        Ok(jobs
+            .items
+            .into_iter()
+            .filter(|j| {
+                j.spec
+                    .as_ref()
+                    .and_then(|s| s.template.spec.as_ref())
+                    .and_then(|s| s.node_name.as_deref())
+                    == Some(node)
+            })
+            .collect())
+    }
+
+    /// Waits for the healer's `template` Job on `node` and completes its pods as a kubelet would.
+    async fn complete_job(&self, node: &str, template: &str, success: bool) -> Result<String> {
+        let found = wait_for(
+            &format!("{template} Job for {node}"),
+            Duration::from_secs(60),
+            &[],
+            || async { Ok(self.jobs(node, template).await?.into_iter().next()) },
+        )
+        .await;
+        let job = match found {
+            Ok(j) => j,
+            Err(e) => {
+                let ticket = self.ticket(node).await.ok().flatten();
+                bail!(
+                    "{e:#}\nticket: {ticket:?}\nhealer log:\n{}",
+                    self.healer_log()
+                );
+            }
+        };
+        let name = job.metadata.name.unwrap_or_default();
+        self.kube
+            .finish_job_pods("ark-system", &name, success)
+            .await?;
+        Ok(name)
+    }
+
+    fn healer_log(&self) -> String {
+        self.healer
+            .as_ref()
+            .map(|h| h.log_tail(40))
+            .unwrap_or_default()
+    }
+}
+
+fn workflows(t: &Value) -> Vec<(String, String)> {
+    t["workflows"]
+        .as_sequence()
+        .map(|w| {
+            w.iter()
+                .map(|s| {
+                    (
+                        s["action"].as_str().unwrap_or_default().to_owned(),
+                        s["status"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn has_step(t: &Value, action: &str, status: &str) -> bool {
+    workflows(t).iter().any(|(a, s)| a == action && s == status)
+}
+
+fn unschedulable(n: &Node) -> bool {
+    n.spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false)
+}
+
+/// XID 79 on one GPU: cordon, taint, drain, reboot Job, every step in the ticket; then the fault
+/// clears: the alert resolves, the health check runs, the node is uncordoned, the ticket resolved.
+#[tokio::test]
+async fn xid79_reboots_the_node_and_a_cleared_fault_uncordons_it() -> Result<()> {
+    if ark_harness::skip_without_services("xid79_reboots_the_node_and_a_cleared_fault_uncordons_it")
+    {
+        return Ok(());
+    }
+    let s = Stack::start(&["gpu-node-1"], Options::default()).await?;
+    let n = "gpu-node-1";
+    s.kube
+        .create_pod("ml", "trainer-0", n, &[("app", "trainer")])
+        .await?;
+    s.inject(
+        n,
+        "compute.util",
+        "gpu-3",
+        "0.97",
+        Some(4242),
+        Some("train-a"),
+    )?;
+    s.inject(n, "error.hw", "gpu-3", "XID_79", None, None)?;
+
+    let t = s
+        .wait_ticket(n, Duration::from_secs(90), "reboot Job running", |t| {
+            t["condition"] == "GpuFellOffBus"
+                && has_step(t, "Drain", "Succeeded")
+                && has_step(t, "RunJob", "Running")
+        })
+        .await?;
+    // Prometheus itself says why: the alert fired with the healer's contract labels.
+    let alerts = s.prom.alerts().await?;
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a["labels"]["condition"] == "GpuFellOffBus"
+                && a["labels"]["node"] == n
+                && a["labels"]["gpu"] == "3"),
+        "{alerts:?}"
+    );
+    let steps: Vec<String> = workflows(&t).into_iter().map(|(a, _)| a).collect();
+    assert_eq!(steps[..3], ["Cordon", "Taint", "Drain"], "{t:?}");
+    let node = s.node_obj(n).await?;
+    assert!(unschedulable(&node), "cordoned");
+    let taints = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default();
+    assert!(
+        taints.iter().any(|t| t.key == "ark.io/unhealthy"),
+        "tainted: {taints:?}"
+    );
+    let pods: Api<Pod> = Api::namespaced(s.kube.client("admin").await?, "ml");
+    assert!(
+        pods.get_opt("trainer-0").await?.is_none(),
+        "the workload pod was evicted"
+    );
+    assert_eq!(
+        s.jobs(n, "reboot").await?.len(),
+        1,
+        "exactly one reboot Job"
+    );
+
+    // The reboot "happens"; no more XIDs: the alert resolves (10 s window + 5 s keep_firing, scaled).
+    s.complete_job(n, "reboot", true).await?;
+    s.complete_job(n, "healthcheck", true).await?;
+    let t = s
+        .wait_ticket(n, Duration::from_secs(120), "ticket resolved", |t| {
+            t["status"] == "resolved"
+        })
+        .await?;
+    assert!(has_step(&t, "WaitCondition", "Succeeded"), "{t:?}");
+    assert!(has_step(&t, "Uncordon", "Succeeded"), "{t:?}");
+    assert!(
+        !unschedulable(&s.node_obj(n).await?),
+        "uncordoned after the health check"
+    );
+    // The healer cleans its finished Jobs up; the ticket keeps which ran: one reboot, one check.
+    let jobs: Vec<&str> = t["workflows"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w["job"].as_str())
+        .collect();
+    assert_eq!(
+        jobs.iter().filter(|j| j.starts_with("ark-reboot-")).count(),
+        1,
+        "{jobs:?}"
+    );
+    assert_eq!(
+        jobs.iter()
+            .filter(|j| j.starts_with("ark-healthcheck-"))
+            .count(),
+        1,
+        "{jobs:?}"
+    );
+    // Every step is also in the audit log.
+    let audit = std::fs::read_to_string(s.dir.path().join("audit.jsonl"))?;
+    for step in ["Cordon", "Drain", "RunJob", "Uncordon"] {
+        assert!(audit.contains(step), "audit log lacks {step}");
+    }
+    Ok(())
+}
+
+/// A double-bit ECC error → the GPU-reset SOP (a gpu-reset Job, not a reboot).
+#[tokio::test]
+async fn double_bit_ecc_resets_the_gpu() -> Result<()> {
+    if ark_harness::skip_without_services("double_bit_ecc_resets_the_gpu") {
+        return Ok(());
+    }
+    let s = Stack::start(&["gpu-node-2"], Options::default()).await?;
+    let n = "gpu-node-2";
+    // Two samples so increase() sees the counter move.
+    s.inject(n, "compute.util", "gpu-0", "0.9", Some(7), Some("train-e"))?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    s.inject(n, "error.hw", "gpu-0", "ECC_DBE", None, None)?;
+    // The job on that GPU is stalled too (WorkloadStalled, priority 40) but the ECC error
+    // (priority 3) is what the healer works on.
+    let t = s
+        .wait_ticket(n, Duration::from_secs(90), "gpu-reset Job running", |t| {
+            t["condition"] == "GpuEccDoubleBit" && has_step(t, "RunJob", "Running")
+        })
+        .await?;
+    assert_eq!(t["sop"], "gpu-reset", "{t:?}");
+    assert_eq!(s.jobs(n, "gpu-reset").await?.len(), 1);
+    assert!(
+        s.jobs(n, "reboot").await?.is_empty(),
+        "ECC is a GPU reset, not a reboot"
+    );
+    Ok(())
+}
+
+/// Retransmits on a job's flows stall it (root cause: the NIC) → WorkloadStalled → its SOP
+/// (diagnose Job + Notify), without cordoning the node.
+#[tokio::test]
+async fn retransmit_storm_on_a_jobs_flows_runs_the_workload_sop() -> Result<()> {
+    if ark_harness::skip_without_services("retransmit_storm_on_a_jobs_flows_runs_the_workload_sop")
+    {
+        return Ok(());
+    }
+    let s = Stack::start(&["gpu-node-3"], Options::default()).await?;
+    let n = "gpu-node-3";
+    let storm = async {
+        for i in 0..40 {
+            s.inject(
+                n,
+                "transport.drop",
+                "network-eth0",
+                &format!("tcp retransmit count={}", i * 50),
+                Some(5151),
+                Some("train-b"),
+            )?;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        anyhow::Ok(())
+    };
+    let wait = s.wait_ticket(n, Duration::from_secs(60), "WorkloadStalled ticket", |t| {
+        t["condition"] == "WorkloadStalled" || t["condition"] == "NetworkRetransmitStorm"
+    });
+    let (injected, t) = tokio::join!(storm, wait);
+    injected?;
+    let t = t?;
+    let diag = s.complete_job(n, "diagnose", true).await?;
+    assert!(diag.contains("diagnose"), "{diag}");
+    let t = s
+        .wait_ticket(n, Duration::from_secs(60), "Notify done", |t| {
+            has_step(t, "Notify", "Succeeded")
+        })
+        .await
+        .unwrap_or(t);
+    assert!(has_step(&t, "Notify", "Succeeded"), "{t:?}");
+    assert!(
+        !unschedulable(&s.node_obj(n).await?),
+        "a stalled workload does not cordon the node"
+    );
+    Ok(())
+}
+
+/// Ten nodes fault at once with a disruption budget of 3: exactly 3 are cordoned, the others are
+/// held back with the reason in their ticket.
+#[tokio::test]
+async fn ten_nodes_faulting_at_once_respect_a_budget_of_three() -> Result<()> {
+    if ark_harness::skip_without_services("ten_nodes_faulting_at_once_respect_a_budget_of_three") {
+        return Ok(());
+    }
+    let names: Vec<String> = (0..10).map(|i| format!("fleet-{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let s = Stack::start(
+        &refs,
+        Options {
+            budget: 3,
+            ..Options::default()
+        },
+    )
+    .await?;
+    for n in &refs {
+        s.inject(n, "error.hw", "gpu-1", "XID_79", None, None)?;
+    }
+    let api: Api<Node> = Api::all(s.kube.client("admin").await?);
+    let blocked = wait_for(
+        "3 cordoned, 7 held back with a reason",
+        Duration::from_secs(90),
+        &[],
+        || async {
+            let nodes = api.list(&ListParams::default()).await?.items;
+            let cordoned = nodes.iter().filter(|n| unschedulable(n)).count();
+            let mut held = BTreeMap::new();
+            for n in &nodes {
+                let name = n.metadata.name.clone().unwrap_or_default();
+                if let Some(t) = s.ticket(&name).await?
+                    && !unschedulable(n)
+                    && let Some(b) = t["blocked"].as_str()
+                {
+                    held.insert(name, b.to_owned());
+                }
+            }
+            if cordoned > 3 {
+                bail!("budget exceeded: {cordoned} nodes cordoned");
+            }
+            Ok((cordoned == 3 && held.len() == 7).then_some(held))
+        },
+    )
+    .await
+    .with_context(|| s.healer_log())?;
+    assert!(
+        blocked
+            .values()
+            .all(|r| r.to_lowercase().contains("budget")),
+        "{blocked:?}"
+    );
+    // And it stays that way.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let nodes = api.list(&ListParams::default()).await?.items;
+    assert_eq!(nodes.iter().filter(|n| unschedulable(n)).count(), 3);
+    Ok(())
+}
+
+/// The healer is killed (SIGKILL) while a drain is blocked by a PDB and started again: it resumes
+/// from the ticket, and no step is repeated (one Cordon, one Taint, one reboot Job).
+#[tokio::test]
+async fn healer_killed_mid_drain_resumes_without_repeating_a_step() -> Result<()> {
+    if ark_harness::skip_without_services(
+        "healer_killed_mid_drain_resumes_without_repeating_a_step",
+    ) {
+        return Ok(());
+    }
+    let mut s = Stack::start(&["gpu-node-4"], Options::default()).await?;
+    let n = "gpu-node-4";
+    s.kube
+        .create_pod("ml", "trainer-0", n, &[("app", "trainer")])
+        .await?;
+    s.kube.set_pod_ready("ml", "trainer-0").await?;
+    s.kube
+        .create_pdb("ml", "trainer", &[("app", "trainer")], 1)
+        .await?;
+    s.inject(n, "error.hw", "gpu-0", "XID_79", None, None)?;
+    s.wait_ticket(
+        n,
+        Duration::from_secs(90),
+        "Drain running (blocked by the PDB)",
+        |t| has_step(t, "Drain", "Running") || has_step(t, "Drain", "Blocked"),
+    )
+    .await?;
+    s.healer.take().expect("running").signal(libc::SIGKILL);
+    // Unblock the drain while no healer runs, then start a new one (a new identity: it must wait
+    // for the dead leader's lease to expire, as a failover would).
+    s.kube.kubectl(&["delete", "pdb", "-n", "ml", "trainer"])?;
+    s.start_healer().await?;
+    let t = s
+        .wait_ticket(
+            n,
+            Duration::from_secs(90),
+            "reboot Job after the resumed drain",
+            |t| has_step(t, "RunJob", "Running"),
+        )
+        .await?;
+    let count = |action: &str| workflows(&t).iter().filter(|(a, _)| a == action).count();
+    assert_eq!(count("Cordon"), 1, "{t:?}");
+    assert_eq!(count("Taint"), 1, "{t:?}");
+    assert_eq!(count("Drain"), 1, "{t:?}");
+    assert_eq!(s.jobs(n, "reboot").await?.len(), 1, "one reboot Job");
+    Ok(())
+}
+
+/// Latency from fault injected to node cordoned with its ticket written, at 1 s and 200 ms
+/// scrape/eval/group intervals, over 10 runs each (a measurement: it prints, it does not judge).
+#[tokio::test]
+async fn latency_fault_to_cordon() -> Result<()> {
+    if ark_harness::skip_without_services("latency_fault_to_cordon") {
+        return Ok(());
+    }
+    let mut report = Vec::new();
+    for interval in [Duration::from_secs(1), Duration::from_millis(200)] {
+        let names: Vec<String> = (0..10).map(|i| format!("lat-{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let s = Stack::start(
+            &refs,
+            Options {
+                interval,
+                ..Options::default()
+            },
+        )
+        .await?;
+        let api: Api<Node> = Api::all(s.kube.client("admin").await?);
+        let mut samples = Vec::new();
+        for n in &refs {
+            let t0 = Instant::now();
+            s.inject(n, "error.hw", "gpu-0", "XID_79", None, None)?;
+            wait_for(
+                &format!("{n} cordoned with a ticket"),
+                Duration::from_secs(60),
+                &[],
+                || async {
+                    let node = api.get(n).await?;
+                    let ticket = node
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .is_some_and(|a| a.contains_key("ark.io/ticket"));
+                    Ok((unschedulable(&node) && ticket).then_some(()))
+                },
+            )
+            .await?;
+            samples.push(t0.elapsed().as_secs_f64());
+        }
+        samples.sort_by(f64::total_cmp);
+        let line = format!(
+            "interval {:>5} ms: fault → cordoned + ticket over {} runs: min {:.3} s, median {:.3} s, max {:.3} s",
+            interval.as_millis(),
+            samples.len(),
+            samples[0],
+            (samples[4] + samples[5]) / 2.0,
+            samples[samples.len() - 1]
+        );
+        eprintln!("{line}");
+        report.push(line);
+    }
+    let path = std::env::temp_dir().join("ark-e2e-latency.txt");
+    std::fs::write(&path, report.join("\n") + "\n")?;
+    eprintln!("written to {}", path.display());
+    Ok(())
+}
