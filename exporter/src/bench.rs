@@ -27,6 +27,8 @@ pub enum BenchCommand {
     Parse(ParseArgs),
     /// NVML collector: /metrics encode of GPUs × processes, poll cost, XID → /metrics latency.
     Nvml(crate::collectors::nvml::bench::NvmlBenchArgs),
+    /// One full collection of every procfs/sysfs host collector: median/p90 ms.
+    Host(crate::collectors::host::HostBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +171,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Rules(a) => bench_rules(a),
         BenchCommand::Parse(a) => bench_parse(a),
         BenchCommand::Nvml(a) => crate::collectors::nvml::bench::run(a),
+        BenchCommand::Host(a) => print(crate::collectors::host::bench(&a)),
     }
 }
 

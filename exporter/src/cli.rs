@@ -102,7 +102,17 @@ pub struct ServeArgs {
     /// Configuration file (TOML, or YAML by extension).
     #[arg(long = "config", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Enable a collector (repeatable; also `--collector.NAME`). Known: probe, ebpf, nvml (nvml is off by default).
+    /// procfs mount point read by the host collectors (a fixture tree in tests).
+    #[arg(long = "path.procfs", value_name = "DIR")]
+    pub procfs: Option<PathBuf>,
+    /// sysfs mount point read by the host collectors; the cgroup v2 tree is `<DIR>/fs/cgroup`.
+    #[arg(long = "path.sysfs", value_name = "DIR")]
+    pub sysfs: Option<PathBuf>,
+    /// Kubeconfig for the pod watch (default: KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long = "kubeconfig", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Enable a collector (repeatable; also `--collector.NAME`). Known: probe, ebpf, nvml (nvml is
+    /// off by default), netdev, infiniband, block, pressure, process, pods.
     #[arg(long = "collector", value_name = "NAME")]
     pub enable: Vec<String>,
     /// Disable a collector (repeatable; also `--no-collector.NAME`).
@@ -261,6 +271,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let kinds = collectors::enabled(&cfg, &args.enable, &args.disable)?;
     let addr = parse_listen(&args.listen)?;
     let node = node_name(args.node_name.as_deref());
+    apply_host_flags(&mut cfg, &args, &node);
+    let pods = crate::pods::PodResolver::new(&cfg.host.sysfs);
     let telemetry = Telemetry::new(&node)?;
     let rules = match &cfg.rules_dir {
         Some(d) => Some(load_rules(d, cfg.rules.strict)?),
@@ -285,7 +297,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         for kind in &kinds {
             let c = kind.build(&cfg)?;
-            let ctx = CollectorContext::new(*kind, &running.sender, &telemetry, stop_rx.clone());
+            let ctx = CollectorContext::new(*kind, &running.sender, &telemetry, stop_rx.clone())
+                .with_pods(pods.clone());
             tokio::spawn(c.run(ctx));
             tracing::info!(collector = kind.name(), "Collector started");
         }
@@ -309,6 +322,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     running.client.shutdown();
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     result
+}
+
+/// `--path.procfs`, `--path.sysfs`, `--kubeconfig` and the node name into `[host]`.
+fn apply_host_flags(cfg: &mut Config, args: &ServeArgs, node: &str) {
+    if let Some(p) = &args.procfs {
+        cfg.host.procfs.clone_from(p);
+    }
+    if let Some(p) = &args.sysfs {
+        cfg.host.sysfs.clone_from(p);
+    }
+    if args.kubeconfig.is_some() {
+        cfg.host.kubeconfig.clone_from(&args.kubeconfig);
+    }
+    if cfg.host.node_name.is_none() {
+        cfg.host.node_name = Some(node.to_owned());
+    }
 }
 
 async fn shutdown_signal() {

@@ -17,7 +17,7 @@ use crate::rules::format::DurationSpec;
 use crate::{Error, Result};
 
 /// Top-level keys, used to pick our variables out of `ARK_*` (other tools use that prefix too).
-const TOP_KEYS: [&str; 9] = [
+const TOP_KEYS: [&str; 10] = [
     "nvml",
     "probes",
     "ebpf",
@@ -27,6 +27,7 @@ const TOP_KEYS: [&str; 9] = [
     "rules",
     "pipeline",
     "probe",
+    "host",
 ];
 
 /// An external probe: a path, or `{path, args, name}`.
@@ -217,6 +218,8 @@ pub struct Config {
     pub ebpf: EbpfSection,
     /// `[nvml]`: the NVML collector (see `docs/nvml.md`).
     pub nvml: crate::collectors::nvml::NvmlSection,
+    /// `[host]`: procfs/sysfs collectors and pod attribution.
+    pub host: crate::collectors::host::HostConfig,
 }
 
 fn ms(d: DurationSpec) -> Duration {

@@ -7,7 +7,9 @@
 //! - [`graph`]: the causal graph (Consumes / WaitsOn / BlockedBy);
 //! - [`rules`]: Ark rule packs, loader and incremental engine;
 //! - [`pipeline`]: the single writer that owns graph and engine, and the handles to reach it;
-//! - [`collectors`]: event sources (`probe` today; procfs, eBPF, NVML plug in the same way);
+//! - [`collectors`]: event sources (`probe`, the procfs/sysfs host collectors, `pods`; eBPF
+//!   and NVML plug in the same way);
+//! - [`pods`]: pod attribution (cgroup → pod UID → namespace/name/container; cgroup id → pod);
 //! - [`metrics`]: explicit registry, snapshot publishing, self-metrics;
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`, `/api/v1/why/{pid}`;
 //! - [`cli`], [`config`], [`bench`]: the binary's commands, configuration and benchmarks.
@@ -23,6 +25,7 @@ pub mod graph;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
+pub mod pods;
 pub mod ratelimit;
 pub mod rules;
 

