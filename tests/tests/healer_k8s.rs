@@ -515,3 +515,100 @@ async fn healer_leader_election_fails_over_to_the_second_replica() -> Result<()>
     assert_eq!(spec.lease_transitions, Some(1));
     Ok(())
 }
+
+#[tokio::test]
+async fn healer_bad_input_causes_no_action() -> Result<()> {
+    if ark_harness::skip_without_services("healer_bad_input_causes_no_action") {
+        return Ok(());
+    }
+    let kube = KubeCluster::start().await?;
+    setup_rbac(&kube).await?;
+    let admin = kube.client("admin").await?;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    for n in ["ooo", "dup", "unknown", "control"] {
+        kube.create_node(n, &[]).await?;
+    }
+    let dir = tempfile::tempdir()?;
+    let healer = Healer::start(
+        &kube,
+        dir.path(),
+        "healer-a",
+        "[budget]\nmax_unschedulable = 10\nmax_unschedulable_percent = 0.0\n[lease]\nnamespace = \"ark-system\"\n",
+    )?;
+    healer.ready().await?;
+    let t0 = "2026-11-23T10:00:00Z";
+    let client = reqwest::Client::new();
+    let url = healer.url("/api/v1/alerts");
+
+    // Rejected before parsing: no token, wrong content type, over 1 MiB (100,000 alerts).
+    let r = client.post(&url).json(&payload(vec![])).send().await?;
+    assert_eq!(r.status(), 401);
+    let r = client
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .body("x")
+        .header("content-type", "text/plain")
+        .send()
+        .await?;
+    assert_eq!(r.status(), 415);
+    let many: Vec<Value> = (0..100_000)
+        .map(|i| alert(&format!("x{i}"), "GpuHung", true, t0))
+        .collect();
+    let (code, body) = healer.post(&payload(many)).await?;
+    assert_eq!(code, 413, "{body}");
+
+    // Out of order: the resolution of an occurrence arrives before its firing.
+    healer
+        .post(&payload(vec![alert("ooo", "GpuHung", false, t0)]))
+        .await?;
+    healer
+        .post(&payload(vec![alert("ooo", "GpuHung", true, t0)]))
+        .await?;
+    // Duplicates: the same firing alert three times, in one payload and in two more.
+    let dup = alert("dup", "GpuNvlinkDown", true, t0);
+    healer
+        .post(&payload(vec![dup.clone(), dup.clone()]))
+        .await?;
+    healer.post(&payload(vec![dup.clone()])).await?;
+    // Unknown condition and a node that does not exist.
+    healer
+        .post(&payload(vec![
+            alert("unknown", "GpuOnFire", true, t0),
+            alert("nowhere", "GpuHung", true, t0),
+        ]))
+        .await?;
+    // Control: queued after all of the above, so once it is cordoned they were processed.
+    healer
+        .post(&payload(vec![alert("control", "GpuNvlinkDown", true, t0)]))
+        .await?;
+    wait_node(&nodes, "control", "control node cordoned", &healer, |n| {
+        unschedulable(n).then_some(())
+    })
+    .await?;
+    wait_node(&nodes, "dup", "dup node cordoned", &healer, |n| {
+        unschedulable(n).then_some(())
+    })
+    .await?;
+
+    for name in ["ooo", "unknown"] {
+        let n = nodes.get(name).await?;
+        assert!(
+            !unschedulable(&n) && ticket(&n).is_none(),
+            "{name} was touched"
+        );
+    }
+    assert!(nodes.get_opt("nowhere").await?.is_none());
+    let t = ticket(&nodes.get("dup").await?).context("ticket")?;
+    assert_eq!(
+        workflow_status(&t, "Cordon"),
+        vec!["Succeeded"],
+        "one Cordon for three copies"
+    );
+    let m = healer.metrics().await?;
+    assert!(
+        m.contains("ark_healer_webhook_requests_total{code=\"413\"} 1"),
+        "{m}"
+    );
+    assert!(healer.service.ensure_running().is_ok());
+    Ok(())
+}
