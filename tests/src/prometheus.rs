@@ -25,6 +25,17 @@ fn binary(env: &str, default: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// `wanted` if it is free (a clear error if not), else any free port.
+fn pick_port(wanted: Option<u16>) -> Result<u16> {
+    match wanted {
+        Some(p) => {
+            ensure_port_free(p)?;
+            Ok(p)
+        }
+        None => Ok(free_port()),
+    }
+}
+
 /// What Prometheus scrapes and evaluates.
 #[derive(Debug, Clone)]
 pub struct PromConfig {
@@ -73,13 +84,7 @@ impl Prometheus {
         let dir = tempfile::Builder::new()
             .prefix("ark-prometheus-")
             .tempdir()?;
-        let port = match cfg.port {
-            Some(p) => {
-                ensure_port_free(p)?;
-                p
-            }
-            None => free_port(),
-        };
+        let port = pick_port(cfg.port)?;
         let interval = prom_duration(cfg.scrape_interval);
         let mut yaml = format!(
             "global:\n  scrape_interval: {interval}\n  scrape_timeout: {interval}\n  evaluation_interval: {}\n",
@@ -262,13 +267,7 @@ impl Alertmanager {
         let dir = tempfile::Builder::new()
             .prefix("ark-alertmanager-")
             .tempdir()?;
-        let port = match cfg.port {
-            Some(p) => {
-                ensure_port_free(p)?;
-                p
-            }
-            None => free_port(),
-        };
+        let port = pick_port(cfg.port)?;
         let auth = match &cfg.bearer_token {
             Some(t) => format!(
                 "        http_config:\n          authorization:\n            type: Bearer\n            credentials: {t:?}\n"
