@@ -4,9 +4,10 @@
 //!
 //! Regenerate after an intended change: `ARK_UPDATE_GOLDEN=1 cargo test -p ark-exporter --test golden`.
 
-use std::io::Write;
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Stdio};
+
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -96,25 +97,5 @@ async fn metrics_match_golden_and_pass_promtool() {
         assert!(text.contains(needle), "missing {needle}\n{text}");
     }
 
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool must be installed (apt-get install prometheus)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::promtool_check(&text);
 }

@@ -5,6 +5,8 @@
 //!
 //! Regenerate the golden file after an intended change:
 //! `ARK_UPDATE_GOLDEN=1 cargo test -p ark-exporter --test host_collectors`.
+mod common;
+use common::promtool_check;
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -93,30 +95,6 @@ fn sorted(text: &str) -> String {
     let mut s = lines.join("\n");
     s.push('\n');
     s
-}
-
-fn promtool_check(text: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool must be installed (apt-get install prometheus)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]

@@ -11,6 +11,8 @@
 //!
 //! Regenerate the golden file after an intended change:
 //! `ARK_UPDATE_GOLDEN=1 cargo test -p ark-exporter --test nvml`.
+mod common;
+use common::promtool_check;
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -158,29 +160,6 @@ async fn scrape(app: axum::Router) -> String {
     assert!(res.status().is_success());
     let body = res.into_body().collect().await.unwrap().to_bytes();
     String::from_utf8(body.to_vec()).unwrap()
-}
-
-fn promtool_check(text: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool not found (apt-get install prometheus, or /usr/bin/promtool)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[tokio::test]
