@@ -1,0 +1,835 @@
+//! Hardening (issue 10) on the REAL kube-apiserver v1.20 + controller-manager, driving the real
+//! ark-healer binary with the `healer` token bound to exactly `deploy/healer/rbac.yaml`:
+//! - a ticket annotation a human broke: reported, the node left alone until it is fixed;
+//! - Alertmanager re-sending after a healer outage: no duplicate action;
+//! - a flapping alert: no cordon/uncordon storm;
+//! - two replicas, the leader SIGKILLed mid-SOP: the other finishes it, no step repeated, one
+//!   reboot Job;
+//! - a flood of 100,000 alerts: bounded memory, deduplicated, budget kept.
+//!
+//! Times and counts are measured and printed (on stderr), not asserted: the machines are
+//! shared and slow. Assertions are on what the apiserver holds.
+
+mod healer_support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use ark_harness::{KubeCluster, wait_for};
+use healer_support::*;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Event, Node};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+const T0: &str = "2026-11-22T10:00:00Z";
+
+/// Events the healer recorded about `node` (reason, message), oldest first.
+async fn node_events(admin: &kube::Client, node: &str) -> Result<Vec<(String, String)>> {
+    let events: Api<Event> = Api::namespaced(admin.clone(), "kube-system");
+    let mut out: Vec<_> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(node))
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Audit records of `node` with `action` (and `status` when given).
+fn audit_count(records: &[Value], node: &str, action: &str, status: Option<&str>) -> usize {
+    records
+        .iter()
+        .filter(|r| r["node"] == node && r["action"] == action)
+        .filter(|r| status.is_none_or(|s| r["status"] == s))
+        .count()
+}
+
+/// Value of one exact series (`name{labels}`) in a Prometheus text exposition; 0 when absent.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// The first Job made from `template`, if any.
+async fn job_named(admin: &kube::Client, template: &str) -> Result<Option<String>> {
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), "ark-system");
+    let lp = ListParams::default().labels(&format!("ark.io/template={template}"));
+    Ok(jobs
+        .list(&lp)
+        .await?
+        .items
+        .into_iter()
+        .find_map(|j| j.metadata.name))
+}
+
+/// Names of every Job ever seen in `ark-system` (the healer deletes finished Jobs, so a count at
+/// the end would miss them); polled every 100 ms until dropped.
+struct JobsSeen {
+    names: Arc<std::sync::Mutex<BTreeSet<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl JobsSeen {
+    fn start(admin: &kube::Client) -> Self {
+        let jobs: Api<Job> = Api::namespaced(admin.clone(), "ark-system");
+        let names: Arc<std::sync::Mutex<BTreeSet<String>>> = Arc::default();
+        let task = {
+            let names = names.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Ok(list) = jobs.list(&ListParams::default()).await {
+                        let mut n = names.lock().unwrap_or_else(|p| p.into_inner());
+                        n.extend(list.items.into_iter().filter_map(|j| j.metadata.name));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        JobsSeen { names, task }
+    }
+
+    fn with_prefix(&self, prefix: &str) -> Vec<String> {
+        let n = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        n.iter()
+            .filter(|j| j.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for JobsSeen {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn annotation(n: &Node, key: &str) -> Option<String> {
+    n.metadata.annotations.as_ref()?.get(key).cloned()
+}
+
+/// `(action, status, at)` of every workflow entry of a ticket.
+fn workflows(t: &serde_yaml::Value) -> Vec<(String, String, String)> {
+    t["workflows"]
+        .as_sequence()
+        .map(|ws| {
+            ws.iter()
+                .map(|w| {
+                    let s = |k: &str| w[k].as_str().unwrap_or_default().to_owned();
+                    (s("action"), s("status"), s("at"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Resident memory of a process, from `/proc/<pid>/status`.
+fn vm_rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Polls the node list every 50 ms and counts schedulable↔unschedulable transitions per node.
+struct CordonWatch {
+    cordons: Arc<AtomicUsize>,
+    uncordons: Arc<AtomicUsize>,
+    max_out: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CordonWatch {
+    async fn start(nodes: Api<Node>) -> Result<Self> {
+        // The baseline is taken before the caller goes on, so no transition is missed.
+        let first: BTreeSet<String> = nodes
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|n| unschedulable(n))
+            .filter_map(|n| n.metadata.name.clone())
+            .collect();
+        let cordons = Arc::new(AtomicUsize::new(0));
+        let uncordons = Arc::new(AtomicUsize::new(0));
+        let max_out = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = {
+            let (c, u, m, stop) = (
+                cordons.clone(),
+                uncordons.clone(),
+                max_out.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut last = Some(first);
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok(list) = nodes.list(&ListParams::default()).await {
+                        let out: BTreeSet<String> = list
+                            .items
+                            .iter()
+                            .filter(|n| unschedulable(n))
+                            .filter_map(|n| n.metadata.name.clone())
+                            .collect();
+                        m.fetch_max(out.len(), Ordering::SeqCst);
+                        if let Some(prev) = &last {
+                            c.fetch_add(out.difference(prev).count(), Ordering::SeqCst);
+                            u.fetch_add(prev.difference(&out).count(), Ordering::SeqCst);
+                        }
+                        last = Some(out);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        Ok(CordonWatch {
+            cordons,
+            uncordons,
+            max_out,
+            stop,
+            task,
+        })
+    }
+
+    /// (cordons, uncordons, most nodes unschedulable at once) seen so far.
+    fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.cordons.load(Ordering::SeqCst),
+            self.uncordons.load(Ordering::SeqCst),
+            self.max_out.load(Ordering::SeqCst),
+        )
+    }
+
+    async fn finish(self) -> (usize, usize, usize) {
+        // One more poll so the last state is counted.
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        self.stop.store(true, Ordering::SeqCst);
+        let counts = self.counts();
+        let _ = self.task.await;
+        counts
+    }
+}
+
+const NO_BUDGET_LIMIT: &str = "[budget]\nmax_unschedulable = 0\nmax_unschedulable_percent = 0.0\n";
+
+#[tokio::test]
+async fn hardening_a_garbage_ticket_is_reported_and_the_node_left_alone_until_fixed() -> Result<()>
+{
+    if ark_harness::skip_without_services(
+        "hardening_a_garbage_ticket_is_reported_and_the_node_left_alone_until_fixed",
+    ) {
+        return Ok(());
+    }
+    let kube = KubeCluster::start().await?;
+    setup_rbac(&kube).await?;
+    let admin = kube.client("admin").await?;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    kube.create_node("broken", &[]).await?;
+    kube.create_node("healthy", &[]).await?;
+    // A human "fixed" the ticket by hand: not YAML any more, and an unknown status.
+    let garbage = "condition: GpuHung\nstatus: [exploded\ncreatedAt: yesterday\n";
+    nodes
+        .patch(
+            "broken",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": {"ark.io/ticket": garbage}}})),
+        )
+        .await?;
+
+    let dir = tempfile::tempdir()?;
+    let cfg = format!("{NO_BUDGET_LIMIT}[lease]\nnamespace = \"ark-system\"\n");
+    let healer = Healer::start(&kube, dir.path(), "healer-a", &cfg)?;
+    healer.ready().await?;
+    let t = Instant::now();
+    let (code, _) = healer
+        .post(&payload(vec![
+            alert("broken", "GpuHung", true, T0),
+            alert("healthy", "GpuHung", true, T0),
+        ]))
+        .await?;
+    assert_eq!(code, 202);
+
+    // The healthy node is acted on (so the healer is working), the broken one is reported.
+    wait_node(&nodes, "healthy", "healthy node cordoned", &healer, |n| {
+        unschedulable(n).then_some(())
+    })
+    .await?;
+    let m = wait_for(
+        "invalid_ticket counted",
+        WAIT,
+        &[&healer.service],
+        || async {
+            let m = healer.metrics().await?;
+            Ok((metric(
+                &m,
+                "ark_healer_actions_blocked_total{reason=\"invalid_ticket\"}",
+            ) >= 1.0)
+                .then_some(m))
+        },
+    )
+    .await?;
+    let reported = t.elapsed();
+    // Several more reconcile passes (1 s each) must not touch it either, nor count it again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let n = nodes.get("broken").await?;
+    assert!(!unschedulable(&n), "the broken-ticket node was cordoned");
+    assert!(
+        !taint_keys(&n).contains(&"ark.io/unhealthy".to_owned()),
+        "the broken-ticket node was tainted: {:?}",
+        taint_keys(&n)
+    );
+    assert_eq!(
+        annotation(&n, "ark.io/ticket").as_deref(),
+        Some(garbage),
+        "the healer overwrote a ticket it could not read"
+    );
+    let m2 = healer.metrics().await?;
+    assert_eq!(
+        metric(
+            &m2,
+            "ark_healer_actions_blocked_total{reason=\"invalid_ticket\"}"
+        ),
+        1.0,
+        "a block is counted once per node, not per pass:\n{m}"
+    );
+    let audit = healer.audit();
+    let blocked: Vec<&Value> = audit
+        .iter()
+        .filter(|r| r["node"] == "broken" && r["status"] == "Blocked")
+        .collect();
+    assert_eq!(blocked.len(), 1, "{audit:?}");
+    let why = blocked[0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(why.contains("invalid ticket"), "{why}");
+    assert!(why.contains("broken"), "the message names the node: {why}");
+    assert_eq!(audit_count(&audit, "broken", "Cordon", None), 0);
+    let events = node_events(&admin, "broken").await?;
+    eprintln!(
+        "garbage ticket: reported after {reported:?} (metric ark_healer_actions_blocked_total{{reason=\"invalid_ticket\"}} 1, audit: {why:?}); \
+         Kubernetes Events about the node: {} {events:?}",
+        events.len()
+    );
+
+    // Fixed by the human (annotation removed): the healer now acts on the node.
+    let t = Instant::now();
+    nodes
+        .patch(
+            "broken",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": {"ark.io/ticket": null}}})),
+        )
+        .await?;
+    let tk = wait_node(&nodes, "broken", "fixed node cordoned", &healer, |n| {
+        unschedulable(n).then(|| ticket(n)).flatten()
+    })
+    .await?;
+    assert_eq!(tk["condition"].as_str(), Some("GpuHung"));
+    eprintln!(
+        "garbage ticket: after the fix the node was cordoned in {:?}",
+        t.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn hardening_alertmanager_resends_after_a_healer_outage_cause_no_duplicate_action()
+-> Result<()> {
+    if ark_harness::skip_without_services(
+        "hardening_alertmanager_resends_after_a_healer_outage_cause_no_duplicate_action",
+    ) {
+        return Ok(());
+    }
+    let kube = KubeCluster::start().await?;
+    setup_rbac(&kube).await?;
+    let admin = kube.client("admin").await?;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    kube.create_node("n1", &[]).await?;
+    let dir = tempfile::tempdir()?;
+    // No leader election: the restarted process acts at once (the Lease case is the failover
+    // test below).
+    let cfg = "[lease]\nenabled = false\n";
+    let body = payload(vec![alert("n1", "GpuFellOffBus", true, T0)]);
+    let healer = Healer::start(&kube, dir.path(), "healer-a", cfg)?;
+    healer.ready().await?;
+    healer.post(&body).await?;
+    let job = wait_job(&admin, "reboot", &healer).await?;
+    let before = ticket(&nodes.get("n1").await?).context("ticket")?;
+
+    // Outage: the healer is down; Alertmanager's notifications fail (and it retries).
+    let port = healer.port;
+    healer.service.stop();
+    let refused = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/api/v1/alerts"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await;
+    assert!(refused.is_err(), "the stopped healer still answered");
+    drop(healer);
+
+    // Back up (same audit log): Alertmanager re-sends the same group several times (retries,
+    // then repeat_interval).
+    let healer = Healer::start(&kube, dir.path(), "healer-b", cfg)?;
+    healer.ready().await?;
+    let t = Instant::now();
+    for _ in 0..5 {
+        let (code, _) = healer.post(&body).await?;
+        assert_eq!(code, 202);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The new process has looked at the Job it did not create.
+    wait_node(
+        &nodes,
+        "n1",
+        "restarted healer sees the Job",
+        &healer,
+        |n| {
+            let t = ticket(n)?;
+            t["workflows"]
+                .as_sequence()?
+                .iter()
+                .any(|w| {
+                    w["action"] == "RunJob"
+                        && w["message"]
+                            .as_str()
+                            .is_some_and(|m| m.ends_with("running"))
+                })
+                .then_some(())
+        },
+    )
+    .await?;
+    // A few more passes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = ticket(&nodes.get("n1").await?).context("ticket")?;
+    assert_eq!(after["createdAt"], before["createdAt"], "a second ticket");
+    assert_eq!(workflow_status(&after, "Cordon"), vec!["Succeeded"]);
+    assert_eq!(workflow_status(&after, "Taint"), vec!["Succeeded"]);
+    assert_eq!(workflow_status(&after, "Drain"), vec!["Succeeded"]);
+    let (wb, wa) = (workflows(&before), workflows(&after));
+    for i in 0..3 {
+        assert_eq!(wa[i], wb[i], "step {i} was redone after the restart");
+    }
+    assert_eq!(
+        count_jobs(&admin, "reboot").await?,
+        1,
+        "a second reboot Job"
+    );
+    let audit = healer.audit();
+    let cordons = audit_count(&audit, "n1", "Cordon", Some("Succeeded"));
+    let jobs_created = audit
+        .iter()
+        .filter(|r| r["node"] == "n1" && r["action"] == "RunJob")
+        .filter(|r| r["message"].as_str().is_some_and(|m| m.contains("created")))
+        .count();
+    assert_eq!(cordons, 1, "{audit:#?}");
+    let events = node_events(&admin, "n1").await?;
+    let cordon_events = events.iter().filter(|(r, _)| r == "Cordon").count();
+    assert_eq!(cordon_events, 1, "{events:?}");
+    eprintln!(
+        "outage + 5 re-sends: 1 ticket, Cordon audited {cordons}x, Cordon Events {cordon_events}, \
+         reboot Jobs 1 ({job}), RunJob 'created' audit records {jobs_created}; resumed in {:?}",
+        t.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn hardening_a_flapping_alert_causes_no_cordon_storm() -> Result<()> {
+    if ark_harness::skip_without_services("hardening_a_flapping_alert_causes_no_cordon_storm") {
+        return Ok(());
+    }
+    let kube = KubeCluster::start().await?;
+    setup_rbac(&kube).await?;
+    let admin = kube.client("admin").await?;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    kube.create_node("flappy", &[]).await?;
+    let dir = tempfile::tempdir()?;
+    // A short SOP so the flapping crosses a whole remediation: cordon, wait for the alert to
+    // resolve, healthcheck, uncordon (only while resolved). The default cooldown (1 h) must then
+    // hold the node.
+    let catalog = dir.path().join("catalog.yaml");
+    std::fs::write(
+        &catalog,
+        "conditions:\n  GpuHung: {priority: 3, sop: flap}\nsops:\n  flap:\n    steps:\n      - {action: Cordon}\n      - {action: WaitCondition, timeoutSeconds: 600}\n      - {action: RunJob, template: healthcheck, timeoutSeconds: 600}\n      - {action: Uncordon}\n",
+    )?;
+    let cfg = format!(
+        "catalog_file = \"{}\"\n[lease]\nenabled = false\n",
+        catalog.display()
+    );
+    let healer = Healer::start(&kube, &dir.path().join("h"), "healer-a", &cfg)?;
+    healer.ready().await?;
+    let watch = CordonWatch::start(nodes.clone()).await?;
+
+    // 12 cycles: firing for 1 s, resolved for 1 s (each a new startsAt, as Prometheus makes a
+    // new alert instance after a resolve).
+    let t = Instant::now();
+    let cycles = 12;
+    let mut healthchecked = false;
+    for i in 0..cycles {
+        let starts = format!("2026-11-22T10:{:02}:00Z", i);
+        let mut resolved = alert("flappy", "GpuHung", false, &starts);
+        resolved["endsAt"] = json!(format!("2026-11-22T10:{:02}:30Z", i));
+        healer
+            .post(&payload(vec![alert("flappy", "GpuHung", true, &starts)]))
+            .await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        healer.post(&payload(vec![resolved])).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // The healthcheck Job's pod "runs" and succeeds, as a kubelet would make it.
+        if !healthchecked && let Some(job) = job_named(&admin, "healthcheck").await? {
+            kube.finish_job_pods("ark-system", &job, true).await?;
+            healthchecked = true;
+        }
+    }
+    // Let the last resolve be processed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (cordons, uncordons, _) = watch.finish().await;
+    let n = nodes.get("flappy").await?;
+    let tk = ticket(&n).context("ticket")?;
+    let audit = healer.audit();
+    let m = healer.metrics().await?;
+    let cooldown_blocks = metric(&m, "ark_healer_actions_blocked_total{reason=\"cooldown\"}");
+    eprintln!(
+        "flapping {cycles} cycles over {:?}: cordons {cordons}, uncordons {uncordons}, ticket status {:?}, \
+         Cordon audited {}x, Uncordon audited {}x, cooldown blocks {cooldown_blocks}",
+        t.elapsed(),
+        tk["status"].as_str(),
+        audit_count(&audit, "flappy", "Cordon", Some("Succeeded")),
+        audit_count(&audit, "flappy", "Uncordon", Some("Succeeded")),
+    );
+    assert_eq!(cordons, 1, "cordoned {cordons} times");
+    assert_eq!(uncordons, 1, "uncordoned {uncordons} times");
+    assert_eq!(
+        audit_count(&audit, "flappy", "Cordon", Some("Succeeded")),
+        1
+    );
+    assert!(audit_count(&audit, "flappy", "Uncordon", Some("Succeeded")) <= 1);
+    // One remediation, and the node ends schedulable (the SOP finished) with the cooldown
+    // holding off the next ones.
+    assert_eq!(tk["status"].as_str(), Some("resolved"), "{tk:?}");
+    assert!(!unschedulable(&n));
+    assert!(cooldown_blocks >= 1.0, "{m}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn hardening_leader_sigkilled_mid_sop_the_other_replica_finishes_it_once() -> Result<()> {
+    if ark_harness::skip_without_services(
+        "hardening_leader_sigkilled_mid_sop_the_other_replica_finishes_it_once",
+    ) {
+        return Ok(());
+    }
+    let kube = KubeCluster::start().await?;
+    setup_rbac(&kube).await?;
+    let admin = kube.client("admin").await?;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), "ark-system");
+    kube.create_node("n1", &[]).await?;
+    // A pod to drain; no kubelet yet, so the evicted pod lingers and the drain is in progress
+    // when the leader dies.
+    kube.create_pod("work", "p1", "n1", &[("app", "train")])
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let lease_s = 4;
+    let cfg = format!("[lease]\nnamespace = \"ark-system\"\nduration_seconds = {lease_s}\n");
+    let a = Healer::start(&kube, &dir.path().join("a"), "replica-a", &cfg)?;
+    a.ready().await?;
+    let b = Healer::start(&kube, &dir.path().join("b"), "replica-b", &cfg)?;
+    let hz = b.url("/healthz");
+    wait_for("replica-b up", WAIT, &[&b.service], || async {
+        Ok(reqwest::get(&hz)
+            .await
+            .ok()
+            .filter(|r| r.status() == 200)
+            .map(|_| ()))
+    })
+    .await?;
+    assert!(!b.is_ready().await, "two leaders");
+
+    let jobs_seen = JobsSeen::start(&admin);
+    let body = payload(vec![alert("n1", "GpuFellOffBus", true, T0)]);
+    a.post(&body).await?;
+    // SIGKILL the leader the moment the apiserver shows Cordon succeeded.
+    let at_kill = wait_for("Cordon succeeded", WAIT, &[&a.service], || async {
+        let n = nodes.get("n1").await?;
+        Ok(ticket(&n).filter(|t| workflow_status(t, "Cordon") == ["Succeeded"]))
+    })
+    .await?;
+    a.service.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    a.service.wait_exit(Duration::from_secs(10))?;
+    let snapshot = ticket(&nodes.get("n1").await?).context("ticket")?;
+    eprintln!(
+        "killed replica-a with the ticket at (polled): {:?}; a moment later: {:?}",
+        workflows(&at_kill),
+        workflows(&snapshot)
+    );
+
+    b.ready().await?;
+    let takeover = killed.elapsed();
+    let l = leases.get("ark-healer").await?;
+    let spec = l.spec.context("lease spec")?;
+    assert_eq!(spec.holder_identity.as_deref(), Some("replica-b"));
+    // Alertmanager re-sends the group to the new leader (the Service now points at it).
+    b.post(&body).await?;
+    let _kubelet = kube.start_fake_kubelet().await?;
+
+    let job = wait_job(&admin, "reboot", &b).await?;
+    kube.finish_job_pods("ark-system", &job, true).await?;
+    wait_node(&nodes, "n1", "WaitCondition after the reboot", &b, |n| {
+        ticket(n)
+            .filter(|t| workflow_status(t, "WaitCondition") == ["Running"])
+            .map(|_| ())
+    })
+    .await?;
+    let mut resolved = alert("n1", "GpuFellOffBus", false, T0);
+    resolved["endsAt"] = json!("2026-11-22T10:30:00Z");
+    b.post(&payload(vec![resolved])).await?;
+    let hc = wait_job(&admin, "healthcheck", &b).await?;
+    kube.finish_job_pods("ark-system", &hc, true).await?;
+    let done = wait_node(&nodes, "n1", "SOP finished", &b, |n| {
+        ticket(n).filter(|t| t["status"].as_str() == Some("resolved"))
+    })
+    .await?;
+    let total = killed.elapsed();
+
+    // Steps recorded before the kill were not redone; every step ran once.
+    let (before, after) = (workflows(&snapshot), workflows(&done));
+    for (i, w) in before.iter().enumerate() {
+        if w.1 == "Succeeded" {
+            assert_eq!(&after[i], w, "step {i} ({}) was redone by replica-b", w.0);
+        }
+    }
+    let actions: Vec<&str> = after.iter().map(|w| w.0.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "Cordon",
+            "Taint",
+            "Drain",
+            "RunJob",
+            "WaitCondition",
+            "RunJob",
+            "Uncordon"
+        ],
+        "{after:?}"
+    );
+    assert!(after.iter().all(|w| w.1 == "Succeeded"), "{after:?}");
+    let reboots = jobs_seen.with_prefix("ark-reboot-");
+    assert_eq!(
+        reboots,
+        std::slice::from_ref(&job),
+        "reboot Jobs seen: {reboots:?}"
+    );
+    let checks = jobs_seen.with_prefix("ark-healthcheck-");
+    assert_eq!(
+        checks,
+        std::slice::from_ref(&hc),
+        "healthcheck Jobs seen: {checks:?}"
+    );
+    let created: usize = [a.audit(), b.audit()]
+        .iter()
+        .map(|au| {
+            au.iter()
+                .filter(|r| r["action"] == "RunJob")
+                .filter(|r| {
+                    r["message"]
+                        .as_str()
+                        .is_some_and(|m| m.ends_with("created"))
+                })
+                .count()
+        })
+        .sum();
+    assert_eq!(
+        created, 2,
+        "RunJob 'created' records (reboot + healthcheck)"
+    );
+    let n = nodes.get("n1").await?;
+    assert!(!unschedulable(&n));
+    assert!(!taint_keys(&n).contains(&"ark.io/unhealthy".to_owned()));
+    let cordons_a = audit_count(&a.audit(), "n1", "Cordon", Some("Succeeded"));
+    let cordons_b = audit_count(&b.audit(), "n1", "Cordon", Some("Succeeded"));
+    assert_eq!(cordons_a + cordons_b, 1);
+    let spec = leases.get("ark-healer").await?.spec.context("lease")?;
+    eprintln!(
+        "failover: replica-b ready {takeover:?} after the SIGKILL (lease {lease_s} s), transitions {:?}; \
+         SOP finished {total:?} after the kill; Cordon by a {cordons_a} / b {cordons_b}; Jobs created {reboots:?} {checks:?}",
+        spec.lease_transitions
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn hardening_flood_of_100k_alerts_bounded_memory_dedup_and_budget() -> Result<()> {
+    if ark_harness::skip_without_services(
+        "hardening_flood_of_100k_alerts_bounded_memory_dedup_and_budget",
+    ) {
+        return Ok(());
+    }
+    const NODES: usize = 200;
+    const BUDGET: usize = 5;
+    const TOTAL: usize = 100_000;
+    const BURST: usize = 1_000; // alerts per webhook payload (~350 KiB, under the 1 MiB limit)
+    let kube = KubeCluster::start().await?;
+    setup_rbac(&kube).await?;
+    let admin = kube.client("admin").await?;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    for chunk in (0..NODES).collect::<Vec<_>>().chunks(16) {
+        let mut set = tokio::task::JoinSet::new();
+        for &i in chunk {
+            let nodes = nodes.clone();
+            set.spawn(async move {
+                let n: Node =
+                    serde_json::from_value(json!({"metadata": {"name": format!("f{i:03}")}}))?;
+                nodes.create(&PostParams::default(), &n).await?;
+                anyhow::Ok(())
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r??;
+        }
+    }
+    let dir = tempfile::tempdir()?;
+    // Notify-only SOP: no Jobs to finish; the budget is what is under test.
+    let catalog = dir.path().join("catalog.yaml");
+    std::fs::write(
+        &catalog,
+        "sops:\n  gpu-reset:\n    steps:\n      - {action: Cordon}\n      - {action: Notify}\n      - {action: Escalate}\n",
+    )?;
+    let cfg = format!(
+        "catalog_file = \"{}\"\n[budget]\nmax_unschedulable = {BUDGET}\nmax_unschedulable_percent = 0.0\n[lease]\nenabled = false\n",
+        catalog.display()
+    );
+    let healer = Healer::start(&kube, dir.path(), "healer-flood", &cfg)?;
+    healer.ready().await?;
+    let pid = healer.service.pid();
+    let rss_start = vm_rss_kib(pid).unwrap_or(0);
+    let watch = CordonWatch::start(nodes.clone()).await?;
+
+    // 100,000 alerts: 2,000 distinct (200 nodes × 10 start times of GpuHung), each sent 50
+    // times, in bursts of 1,000 per payload, 10 payloads at a time.
+    let distinct: Vec<Value> = (0..NODES)
+        .flat_map(|n| {
+            (0..10).map(move |k| {
+                let node = format!("f{n:03}");
+                let mut a = alert(&node, "GpuHung", true, &format!("2026-11-22T10:{k:02}:00Z"));
+                a["fingerprint"] = json!(format!("{node}-{k}"));
+                a["labels"]["instance"] = json!(format!("i{k}"));
+                a
+            })
+        })
+        .collect();
+    let client = reqwest::Client::new();
+    let url = healer.url("/api/v1/alerts");
+    let t = Instant::now();
+    let (mut accepted, mut rejected_503, mut peak_rss) = (0usize, 0usize, rss_start);
+    let payloads: Vec<Value> = (0..TOTAL / BURST)
+        .map(|p| {
+            let alerts: Vec<Value> = (0..BURST)
+                .map(|i| distinct[(p * BURST + i) % distinct.len()].clone())
+                .collect();
+            payload(alerts)
+        })
+        .collect();
+    for wave in payloads.chunks(10) {
+        let mut set = tokio::task::JoinSet::new();
+        for body in wave {
+            let (client, url, body) = (client.clone(), url.clone(), body.to_string());
+            set.spawn(async move {
+                let mut retries = 0usize;
+                loop {
+                    let r = client
+                        .post(&url)
+                        .bearer_auth(TOKEN)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await?;
+                    match r.status().as_u16() {
+                        202 => return anyhow::Ok(retries),
+                        // Queue full: Alertmanager would retry; so do we.
+                        503 => {
+                            retries += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        c => anyhow::bail!("webhook answered {c}"),
+                    }
+                }
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            rejected_503 += r??;
+            accepted += BURST;
+        }
+        peak_rss = peak_rss.max(vm_rss_kib(pid).unwrap_or(0));
+    }
+    let sent_in = t.elapsed();
+    // Let the healer work through it.
+    let out = wait_for("budget filled", WAIT, &[&healer.service], || async {
+        let list = nodes.list(&ListParams::default()).await?;
+        let out = list.items.iter().filter(|n| unschedulable(n)).count();
+        Ok((out >= BUDGET).then_some(out))
+    })
+    .await?;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        peak_rss = peak_rss.max(vm_rss_kib(pid).unwrap_or(0));
+    }
+    let (cordons, uncordons, max_out) = watch.finish().await;
+    let m = healer.metrics().await?;
+    let received = metric(&m, "ark_healer_alerts_received_total{status=\"firing\"}");
+    let rss_end = vm_rss_kib(pid).unwrap_or(0);
+    let tickets = nodes
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|n| ticket(n).is_some())
+        .count();
+    eprintln!(
+        "flood: {accepted} alerts accepted in {sent_in:?} ({:.0} alerts/s), {rejected_503} payloads answered 503; \
+         received metric {received}; VmRSS start {rss_start} KiB, peak {peak_rss} KiB, end {rss_end} KiB; \
+         unschedulable now {out}, max seen {max_out} (budget {BUDGET}); cordons {cordons}, uncordons {uncordons}; \
+         nodes with a ticket {tickets}",
+        accepted as f64 / sent_in.as_secs_f64()
+    );
+    assert!(max_out <= BUDGET, "budget exceeded: {max_out} > {BUDGET}");
+    assert_eq!(cordons, BUDGET, "each acted node cordoned once");
+    assert_eq!(uncordons, 0);
+    assert!(received >= accepted as f64);
+    // Dedup: one Cordon per acted node in the audit log, never more.
+    let audit = healer.audit();
+    let cordon_records = audit
+        .iter()
+        .filter(|r| r["action"] == "Cordon" && r["status"] == "Succeeded")
+        .count();
+    assert_eq!(cordon_records, BUDGET, "duplicate Cordon records");
+    // Bounded memory: the whole flood (≈ 35 MB of JSON) must not be retained.
+    assert!(
+        peak_rss < 512 * 1024,
+        "healer RSS {peak_rss} KiB during the flood"
+    );
+    Ok(())
+}
