@@ -206,3 +206,60 @@ fn replay_json_output() {
     assert!(v["root_causes"].is_array());
     assert_eq!(v["root_causes"][0]["cause"], "error.hw");
 }
+
+/// A probe must not outlive its exporter, even one killed with SIGKILL (no destructor runs then).
+#[test]
+fn probes_die_with_a_killed_exporter() {
+    let d = tempfile::tempdir().unwrap();
+    let pidfile = d.path().join("probe.pid");
+    let probe = d.path().join("hang.sh");
+    std::fs::write(
+        &probe,
+        format!(
+            "#!/bin/sh\necho $$ > {}\nexec sleep 1000\n",
+            pidfile.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let port = free_port();
+    let mut exporter = Kill(
+        Command::new(env!("CARGO_BIN_EXE_ark-exporter"))
+            .args(["--web.listen-address", &format!("127.0.0.1:{port}")])
+            .args(["--node-name", "n1", "--no-collector", "ebpf"])
+            .arg("--probe")
+            .arg(&probe)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut pid = None;
+    for _ in 0..500 {
+        if let Some(p) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            pid = Some(p);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = pid.expect("the probe started");
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !s.contains(") Z ") && !s.contains(") X "))
+    };
+    assert!(alive(pid));
+    exporter.0.kill().unwrap(); // SIGKILL
+    exporter.0.wait().unwrap();
+    let mut gone = false;
+    for _ in 0..250 {
+        if !alive(pid) {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(gone, "probe {pid} outlived its SIGKILLed exporter");
+}

@@ -79,6 +79,21 @@ impl Collector for ProbeCollector {
     }
 }
 
+/// Makes the probe die with the exporter even when the exporter is killed with SIGKILL (an OOM
+/// kill, a node drain's grace period running out), where `kill_on_drop` never runs: otherwise a
+/// restarted exporter would leave every probe it had running behind, one set per restart.
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec; prctl(PR_SET_PDEATHSIG) is
+    // async-signal-safe, allocates nothing and touches no state shared with the parent.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
 /// Reads the next line into `buf`, never holding more than `max` bytes of it.
 /// `Ok(None)` at EOF, `Ok(Some(true))` for an oversized line (skipped up to its newline).
 pub async fn next_line<R: AsyncBufRead + Unpin>(
@@ -150,13 +165,14 @@ async fn supervise(
         }
         first = false;
         let started = Instant::now();
-        let child = Command::new(spec.path())
-            .args(spec.args())
+        let mut cmd = Command::new(spec.path());
+        cmd.args(spec.args())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn();
+            .kill_on_drop(true);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn();
         match child {
             Err(e) => {
                 if let Some(suppressed) = exit_log.allow(Instant::now()) {
