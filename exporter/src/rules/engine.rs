@@ -177,7 +177,11 @@ impl Hits {
         }
     }
     fn holds(&self, now: i64, window: i64, count: usize) -> bool {
-        self.ts.len() >= count && self.ts.front().is_some_and(|&t| t > now - window)
+        self.ts.len() >= count
+            && self
+                .ts
+                .front()
+                .is_some_and(|&t| t > now.saturating_sub(window))
     }
 }
 
@@ -200,7 +204,7 @@ impl Buckets {
                 .0
                 .push_back((sec, 1, x.unwrap_or(0.0), u32::from(x.is_some()))),
         }
-        let oldest = (ts - window).div_euclid(1000);
+        let oldest = ts.saturating_sub(window).div_euclid(1000);
         while self.0.front().is_some_and(|b| b.0 < oldest) {
             self.0.pop_front();
         }
@@ -210,7 +214,7 @@ impl Buckets {
         }
     }
     fn stats(&self, now: i64, window: i64) -> (u64, f64, u64) {
-        let from = (now - window).div_euclid(1000);
+        let from = now.saturating_sub(window).div_euclid(1000);
         self.0
             .iter()
             .filter(|b| b.0 > from && b.0 <= now.div_euclid(1000))
@@ -982,7 +986,7 @@ impl Engine {
             None => self.first_ts,
             Some(k) => self.rules[c.rule].keys.get(k).map(|s| s.0),
         };
-        !positive && since.is_some_and(|s| now - s >= c.window)
+        !positive && since.is_some_and(|s| now.saturating_sub(s) >= c.window)
     }
 
     /// Entity/job labels of a holding scene: from the freshest matching event of its leaves.
@@ -1050,7 +1054,9 @@ impl Engine {
     pub fn tick(&mut self, now: i64) {
         self.first_ts.get_or_insert(now);
         for c in &mut self.conds {
-            let horizon = now - c.window;
+            // Saturating: event time is whatever the input says (a replay before any event ticks
+            // at i64::MIN, a probe may write a negative ts); fuzzing found the overflow.
+            let horizon = now.saturating_sub(c.window);
             match &mut c.kind {
                 Kind::Event { keyed, .. } => keyed.retain(|_, h| h.last > horizon),
                 Kind::Signal { keyed, .. } => keyed.retain(|_, b| b.last() > horizon),
@@ -1062,7 +1068,7 @@ impl Engine {
                 self.evaluate(r, None, now, None);
                 continue;
             }
-            let horizon = now - 2 * self.rules[r].max_window;
+            let horizon = now.saturating_sub(self.rules[r].max_window.saturating_mul(2));
             self.rules[r].keys.retain(|_, s| s.1 > horizon);
             let mut keys: Vec<Box<str>> = self.rules[r].keys.keys().cloned().collect();
             // Keys only known from graph/metric leaves count too.
@@ -1311,6 +1317,52 @@ mod tests {
         assert_eq!(w.active().len(), 1, "30/60 >= 0.5");
         w.tick(120_000);
         assert!(w.active().is_empty(), "window slid past");
+    }
+
+    /// Regression (found by `scripts/fuzz`, target rule_pack): ticking before any event (the
+    /// graph's clock is still i64::MIN, as in `ark-exporter replay` of an empty file) or at a
+    /// negative event time overflowed the window arithmetic.
+    #[test]
+    fn ticks_at_extreme_times_do_not_overflow() {
+        let rules = [
+            rule(
+                "n",
+                "join: job\nconditions: [{type: event, event_type: intent.run, window: 1h}, {type: event, event_type: compute.util, negate: true, window: 5m}]",
+            ),
+            rule(
+                "s",
+                "conditions: [{type: signal, signal: network.tcp.retransmit_rate_1m, op: gt, target: 0.1}]",
+            ),
+        ];
+        let mut w = World::new(&rules, GraphLimits::default());
+        w.tick(i64::MIN);
+        w.feed(
+            i64::MIN,
+            EventType::IntentRun,
+            "gpu-0",
+            Some(1),
+            Some("a"),
+            "run",
+        );
+        w.feed(
+            i64::MIN + 1,
+            EventType::TransportDrop,
+            "network-eth0",
+            Some(1),
+            None,
+            "1",
+        );
+        w.tick(i64::MIN + 3_600_000);
+        w.feed(
+            i64::MAX,
+            EventType::IntentRun,
+            "gpu-0",
+            Some(1),
+            Some("a"),
+            "run",
+        );
+        w.tick(i64::MAX);
+        let _ = w.active();
     }
 
     #[test]
