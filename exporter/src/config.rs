@@ -292,7 +292,7 @@ mod tests {
     fn defaults_file_and_unknown_keys() {
         let c = Config::load(None).unwrap();
         assert_eq!(c.graph.max_nodes, 200_000);
-        assert_eq!(c.pipeline.series_budget, 2000);
+        assert_eq!(c.pipeline.series_budget, 1000);
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("ark.toml");
         std::fs::write(

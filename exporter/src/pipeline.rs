@@ -76,7 +76,10 @@ impl Default for PipelineConfig {
             max_past_ms: 3_600_000,
             timestamp_policy: TimestampPolicy::Clamp,
             max_rss_bytes: 256 * 1024 * 1024,
-            series_budget: 2000,
+            // DESIGN.md "Scale": ≤ 2,000 series per node in all. An 8-GPU node with 64 GPU
+            // processes needs ~800 NVML series, the host collectors and self metrics ~200: the
+            // causal graph gets the remaining 1,000.
+            series_budget: 1000,
             walk_budget: 200_000,
             queue_capacity: 65_536,
             publish_interval: Duration::from_millis(25),
