@@ -329,7 +329,7 @@ impl Executor {
         self.store()
             .firing()
             .filter(|a| a.node() == Some(node) && a.condition() == Some(condition))
-            .find_map(|a| a.labels.get("gpu").cloned())
+            .find_map(|a| a.labels.get("gpu").filter(|g| !g.is_empty()).cloned())
             .unwrap_or_else(|| "all".into())
     }
 

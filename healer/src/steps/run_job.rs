@@ -85,6 +85,22 @@ impl JobTemplates {
             template: template.to_owned(),
             message,
         };
+        // The values come from alert labels (anyone who can post to Alertmanager sets them) and
+        // are pasted into the YAML of a privileged pod spec: only plain tokens may go in, so a
+        // quote or a newline can never change the spec's structure.
+        for (placeholder, value) in [
+            ("NODE", node),
+            ("GPU", gpu),
+            ("CONDITION", condition),
+            ("TICKET", ticket),
+        ] {
+            if !is_plain_token(value) {
+                return Err(err(format!(
+                    "refusing to substitute ${{{placeholder}}} = {value:?}: only letters, digits \
+                     and .:_- are allowed (at most 253 characters)"
+                )));
+            }
+        }
         let text = self
             .templates
             .get(template)
@@ -111,6 +127,15 @@ impl JobTemplates {
         pod.node_name = Some(node.to_owned());
         Ok(job)
     }
+}
+
+/// True for a non-empty value of at most 253 letters, digits, `.`, `:`, `_` or `-` (node names,
+/// GPU indexes or bus ids, condition names, ticket ids) — nothing YAML could read as structure.
+fn is_plain_token(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 253
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '_' | '-'))
 }
 
 /// Deterministic Job name for step `index` of ticket `ticket_id` on `node` (≤ 63 characters).
@@ -224,6 +249,39 @@ mod tests {
             t.render("format-disk", "x", "ns", "n", "0", "c", "1")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn label_values_cannot_change_the_job_yaml() {
+        let t = JobTemplates::embedded();
+        for hostile in [
+            "3\"\n        privileged: true",
+            "0\ncommand: [rm, -rf, /]",
+            "",
+            "${NODE}",
+            "a b",
+            &"x".repeat(254),
+        ] {
+            let e = t
+                .render(
+                    "gpu-reset",
+                    "ark-x",
+                    "ark-system",
+                    "n1",
+                    hostile,
+                    "GpuHung",
+                    "1",
+                )
+                .expect_err(hostile);
+            assert!(
+                e.to_string().contains("refusing to substitute ${GPU}"),
+                "{e}"
+            );
+        }
+        for ok in ["3", "all", "00000000:3B:00.0", "GPU-1a2b_3"] {
+            t.render("gpu-reset", "ark-x", "ark-system", "n1", ok, "GpuHung", "1")
+                .unwrap();
+        }
     }
 
     #[test]
