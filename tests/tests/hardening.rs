@@ -325,7 +325,25 @@ async fn hardening_a_garbage_ticket_is_reported_and_the_node_left_alone_until_fi
     assert!(why.contains("invalid ticket"), "{why}");
     assert!(why.contains("broken"), "the message names the node: {why}");
     assert_eq!(audit_count(&audit, "broken", "Cordon", None), 0);
-    let events = node_events(&admin, "broken").await?;
+    // The Event is posted in the background: give it a moment, then it must be there, once.
+    let mut events = Vec::new();
+    for _ in 0..50 {
+        events = node_events(&admin, "broken").await?;
+        if !events.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let invalid: Vec<_> = events
+        .iter()
+        .filter(|(r, _)| r == "InvalidTicket")
+        .collect();
+    assert_eq!(
+        invalid.len(),
+        1,
+        "one Warning Event about the broken ticket: {events:?}"
+    );
+    assert!(invalid[0].1.contains("ark.io/ticket"), "{invalid:?}");
     eprintln!(
         "garbage ticket: reported after {reported:?} (metric ark_healer_actions_blocked_total{{reason=\"invalid_ticket\"}} 1, audit: {why:?}); \
          Kubernetes Events about the node: {} {events:?}",

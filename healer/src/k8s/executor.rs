@@ -238,6 +238,21 @@ impl Executor {
             message,
             dry_run: dry,
         });
+        // A ticket a human broke is never rewritten, but it is announced where people look: one
+        // Warning Event per distinct problem (this point is reached once per reason/message).
+        if reason == BlockReason::InvalidTicket
+            && !dry
+            && let Some(kube) = &self.kube
+            && let Ok(Some(node)) = kube.get_node(&p.node).await
+        {
+            kube.event(
+                &self.config.events_namespace,
+                &node,
+                true,
+                "InvalidTicket",
+                &format!("{message}; Ark will not act on this node until the ark.io/ticket annotation is fixed or removed"),
+            );
+        }
         // Never write to nodes that must stay untouched, to a ticket a human broke, or in dry-run.
         let writable = matches!(
             reason,
