@@ -88,7 +88,11 @@ impl Healer {
     }
 
     pub async fn post(&self, body: &Value) -> Result<(u16, Value)> {
-        let r = reqwest::Client::new()
+        // A bounded request: a healer that stops answering fails the test instead of hanging it
+        // (one flapping-test run once hung for 875 s).
+        let r = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()?
             .post(self.url("/api/v1/alerts"))
             .bearer_auth(TOKEN)
             .json(body)
@@ -99,7 +103,15 @@ impl Healer {
     }
 
     pub async fn metrics(&self) -> Result<String> {
-        Ok(reqwest::get(self.url("/metrics")).await?.text().await?)
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()?;
+        Ok(client
+            .get(self.url("/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?)
     }
 
     pub fn audit(&self) -> Vec<Value> {
