@@ -131,12 +131,86 @@ fn generate_pki(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The kube-apiserver command line: TLS, static tokens, RBAC, etcd at `etcd_port`.
+fn apiserver_command(bin: &Path, d: &Path, etcd_port: u16, port: u16) -> Command {
+    let mut cmd = Command::new(bin.join("kube-apiserver"));
+    cmd.arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
+        .arg("--bind-address=127.0.0.1")
+        .arg("--advertise-address=127.0.0.1")
+        .arg(format!("--secure-port={port}"))
+        .arg("--insecure-port=0")
+        .arg(format!("--cert-dir={}", d.display()))
+        .arg(format!(
+            "--tls-cert-file={}",
+            d.join("server.crt").display()
+        ))
+        .arg(format!(
+            "--tls-private-key-file={}",
+            d.join("server.key").display()
+        ))
+        .arg(format!(
+            "--token-auth-file={}",
+            d.join("tokens.csv").display()
+        ))
+        .arg("--authorization-mode=RBAC")
+        .arg(format!(
+            "--service-account-key-file={}",
+            d.join("sa.key").display()
+        ))
+        .arg(format!(
+            "--service-account-signing-key-file={}",
+            d.join("sa.key").display()
+        ))
+        .arg("--service-account-issuer=https://kubernetes.default.svc")
+        .arg("--disable-admission-plugins=ServiceAccount")
+        .arg("--endpoint-reconciler-type=none")
+        .arg("--service-cluster-ip-range=10.96.0.0/24")
+        .arg("--allow-privileged=true")
+        .arg("--profiling=false")
+        .arg("--v=0");
+    cmd
+}
+
+/// Waits until the apiserver on `port` answers `/readyz` and serves namespace `default`.
+async fn wait_apiserver_ready(d: &Path, port: u16, watch: &[&Service]) -> Result<()> {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(d.join("ca.crt"))?)?;
+    let https = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let base = format!("https://127.0.0.1:{port}");
+    let admin = TOKENS[0].1;
+    wait_for(
+        "kube-apiserver /readyz and namespace default",
+        Duration::from_secs(90),
+        watch,
+        || async {
+            let ready = https
+                .get(format!("{base}/readyz"))
+                .bearer_auth(admin)
+                .send()
+                .await?;
+            if !ready.status().is_success() {
+                return Ok(None);
+            }
+            let ns = https
+                .get(format!("{base}/api/v1/namespaces/default"))
+                .bearer_auth(admin)
+                .send()
+                .await?;
+            Ok(ns.status().is_success().then_some(()))
+        },
+    )
+    .await
+}
+
 /// A running control plane. Stopped (controller-manager, apiserver, etcd) on drop.
 pub struct KubeCluster {
     pub port: u16,
     pub etcd_port: u16,
     bin: PathBuf,
     dir: TempDir,
+    apiserver_starts: u32,
     // Field order is drop order: dependants first.
     pub controller_manager: Service,
     pub apiserver: Service,
@@ -195,71 +269,12 @@ impl KubeCluster {
         .await?;
 
         let port = free_port();
-        let mut cmd = Command::new(bin.join("kube-apiserver"));
-        cmd.arg(format!("--etcd-servers={etcd_url}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
-            .arg(format!("--secure-port={port}"))
-            .arg("--insecure-port=0")
-            .arg(format!("--cert-dir={}", d.display()))
-            .arg(format!(
-                "--tls-cert-file={}",
-                d.join("server.crt").display()
-            ))
-            .arg(format!(
-                "--tls-private-key-file={}",
-                d.join("server.key").display()
-            ))
-            .arg(format!(
-                "--token-auth-file={}",
-                d.join("tokens.csv").display()
-            ))
-            .arg("--authorization-mode=RBAC")
-            .arg(format!(
-                "--service-account-key-file={}",
-                d.join("sa.key").display()
-            ))
-            .arg(format!(
-                "--service-account-signing-key-file={}",
-                d.join("sa.key").display()
-            ))
-            .arg("--service-account-issuer=https://kubernetes.default.svc")
-            .arg("--disable-admission-plugins=ServiceAccount")
-            .arg("--endpoint-reconciler-type=none")
-            .arg("--service-cluster-ip-range=10.96.0.0/24")
-            .arg("--allow-privileged=true")
-            .arg("--profiling=false")
-            .arg("--v=0");
-        let apiserver = Service::spawn("kube-apiserver", &mut cmd, &d.join("kube-apiserver.log"))?;
-        let ca = reqwest::Certificate::from_pem(&std::fs::read(d.join("ca.crt"))?)?;
-        let https = reqwest::Client::builder()
-            .add_root_certificate(ca)
-            .timeout(Duration::from_secs(5))
-            .build()?;
-        let base = format!("https://127.0.0.1:{port}");
-        let admin = TOKENS[0].1;
-        wait_for(
-            "kube-apiserver /readyz and namespace default",
-            Duration::from_secs(90),
-            &[&etcd, &apiserver],
-            || async {
-                let ready = https
-                    .get(format!("{base}/readyz"))
-                    .bearer_auth(admin)
-                    .send()
-                    .await?;
-                if !ready.status().is_success() {
-                    return Ok(None);
-                }
-                let ns = https
-                    .get(format!("{base}/api/v1/namespaces/default"))
-                    .bearer_auth(admin)
-                    .send()
-                    .await?;
-                Ok(ns.status().is_success().then_some(()))
-            },
-        )
-        .await?;
+        let apiserver = Service::spawn(
+            "kube-apiserver",
+            &mut apiserver_command(&bin, d, etcd_port, port),
+            &d.join("kube-apiserver.log"),
+        )?;
+        wait_apiserver_ready(d, port, &[&etcd, &apiserver]).await?;
 
         for (name, token, ..) in TOKENS {
             write_kubeconfig(d, name, token, port)?;
@@ -305,6 +320,7 @@ impl KubeCluster {
             etcd_port,
             bin,
             dir,
+            apiserver_starts: 1,
             controller_manager,
             apiserver,
             etcd,
@@ -366,9 +382,25 @@ impl KubeCluster {
         self.bin.join("kubectl")
     }
 
-    /// Stops the apiserver (etcd keeps the data) so a test can restart it with `restart_apiserver`.
+    /// Stops the apiserver (SIGTERM, then SIGKILL after 5 s); etcd keeps the data, so
+    /// [`KubeCluster::apiserver_start`] brings the same cluster back.
     pub fn apiserver_stop(&self) {
         self.apiserver.stop();
+    }
+
+    /// Starts the apiserver again on the same port and etcd after [`KubeCluster::apiserver_stop`]
+    /// and waits until it is ready. Each start logs to its own file (`kube-apiserver.N.log`).
+    pub async fn apiserver_start(&mut self) -> Result<()> {
+        self.apiserver.stop();
+        self.apiserver_starts += 1;
+        let d = self.dir.path();
+        let log = d.join(format!("kube-apiserver.{}.log", self.apiserver_starts));
+        self.apiserver = Service::spawn(
+            "kube-apiserver",
+            &mut apiserver_command(&self.bin, d, self.etcd_port, self.port),
+            &log,
+        )?;
+        wait_apiserver_ready(d, self.port, &[&self.etcd, &self.apiserver]).await
     }
 
     pub async fn create_node(&self, name: &str, labels: &[(&str, &str)]) -> Result<Node> {
