@@ -247,15 +247,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let interval = Duration::from_secs(cfg.reconcile_interval_seconds.max(1));
-    let executor = Arc::new(Executor::new(
-        kube,
-        catalog,
-        cfg.clone(),
-        jobs,
-        audit,
-        metrics.clone(),
-        store,
-    ));
+    let executor = Arc::new(
+        Executor::new(
+            kube,
+            catalog,
+            cfg.clone(),
+            jobs,
+            audit,
+            metrics.clone(),
+            store,
+        )
+        .with_leadership(ready.clone()),
+    );
     {
         let ready = ready.clone();
         let executor = executor.clone();

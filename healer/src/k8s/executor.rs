@@ -5,6 +5,7 @@
 //! a restarted healer reads it and continues with the first step that has not succeeded.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -37,6 +38,9 @@ pub struct Executor {
     /// Last block reported per node (reason, message): a block is counted once per node and
     /// reason, not once per pass; the ticket is rewritten only when the message changes.
     reported: Mutex<HashMap<String, (BlockReason, String)>>,
+    /// Whether this replica holds the Lease (`None`: leader election off). Checked before every
+    /// step, so a replica that loses the Lease mid-pass stops acting at the next step boundary.
+    leading: Option<Arc<AtomicBool>>,
 }
 
 /// How long after start an alert we have not heard about counts as unknown rather than resolved:
@@ -64,7 +68,20 @@ impl Executor {
             alerts,
             started: Instant::now(),
             reported: Mutex::new(HashMap::new()),
+            leading: None,
         }
+    }
+
+    /// Acts only while `leading` is true (checked before each step).
+    pub fn with_leadership(mut self, leading: Arc<AtomicBool>) -> Self {
+        self.leading = Some(leading);
+        self
+    }
+
+    fn is_leading(&self) -> bool {
+        self.leading
+            .as_ref()
+            .is_none_or(|l| l.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, AlertStore> {
@@ -378,6 +395,10 @@ impl Executor {
         let mut opening: Option<String> = None;
         // Bound the loop: every iteration either completes a step or returns.
         for _ in 0..(p.step_list.len() * 3 + 6) {
+            if !self.is_leading() {
+                tracing::info!(node = %p.node, "Lost the Lease: stopping before the next step");
+                return Ok(());
+            }
             let now = Timestamp::now();
             let node = match cached.take() {
                 Some(n) => n,

@@ -99,32 +99,54 @@ impl LeaderElector {
         }
     }
 
-    /// Runs forever, keeping `leader` up to date.
+    /// Runs forever, keeping `leader` up to date. The lease we hold is valid until the start of
+    /// our last successful renewal plus its duration (the renewTime we wrote is taken at the
+    /// start of the attempt); we stop leading at that moment even while a renewal attempt is
+    /// still retrying against an apiserver that does not answer, so a replica cut off from the
+    /// apiserver never acts as leader after another replica may have taken over.
     pub async fn run(self) {
+        let lease = Duration::from_secs(self.cfg.duration_seconds);
         let period = Duration::from_secs((self.cfg.duration_seconds / 3).max(1));
         let mut last_renew: Option<Instant> = None;
         loop {
-            let held = match self.try_acquire().await {
-                Ok(h) => h,
-                Err(e) => {
+            let began = Instant::now();
+            let attempt = match last_renew {
+                Some(t) => {
+                    let left = lease.saturating_sub(t.elapsed());
+                    tokio::time::timeout(left, self.try_acquire()).await.ok()
+                }
+                None => Some(self.try_acquire().await),
+            };
+            let renewed = matches!(attempt, Some(Ok(true)));
+            let held = match attempt {
+                Some(Ok(h)) => h,
+                Some(Err(e)) => {
                     tracing::warn!(identity = %self.identity, error = %e, "Lease renewal failed");
                     // Keep leading only while the last successful renewal is still valid.
-                    last_renew.is_some_and(|t| {
-                        t.elapsed() < Duration::from_secs(self.cfg.duration_seconds)
-                    })
+                    last_renew.is_some_and(|t| t.elapsed() < lease)
+                }
+                None => {
+                    tracing::warn!(identity = %self.identity, "Lease not renewed before it expired");
+                    false
                 }
             };
-            if held {
-                last_renew = Some(Instant::now());
-            } else {
+            if renewed {
+                last_renew = Some(began);
+            } else if !held {
                 last_renew = None;
-            }
+            } // else: a failed attempt inside a still-valid lease keeps that lease's deadline
+
             let was = self.leader.swap(held, Ordering::SeqCst);
             if was != held {
                 self.kube.metrics.is_leader.set(i64::from(held));
                 tracing::info!(identity = %self.identity, leader = held, "Leadership changed");
             }
-            tokio::time::sleep(period).await;
+            // While leading after a failed renewal, wake up no later than the lease's end.
+            let mut sleep = period;
+            if let (true, Some(t)) = (held, last_renew) {
+                sleep = sleep.min(lease.saturating_sub(t.elapsed()));
+            }
+            tokio::time::sleep(sleep).await;
         }
     }
 }
