@@ -3,8 +3,12 @@
 //! - a ticket annotation a human broke: reported, the node left alone until it is fixed;
 //! - Alertmanager re-sending after a healer outage: no duplicate action;
 //! - a flapping alert: no cordon/uncordon storm;
-//! - two replicas, the leader SIGKILLed mid-SOP: the other finishes it, no step repeated, one
+//! - two replicas, the leader SIGKILLed mid-SOP at each step boundary (after Cordon, during
+//!   Drain, after the reboot Job was created): the other finishes it, no step repeated, one
 //!   reboot Job;
+//! - the apiserver stopped for 12 s (etcd kept) under webhook load and started again: the healer
+//!   keeps acknowledging, retries within its bounds, stops leading when its Lease lapses, and
+//!   resumes every SOP where its ticket says;
 //! - a flood of 100,000 alerts: bounded memory, deduplicated, budget kept.
 //!
 //! Times and counts are measured and printed (on stderr), not asserted: the machines are
@@ -12,7 +16,7 @@
 
 mod healer_support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -22,7 +26,7 @@ use ark_harness::{KubeCluster, wait_for};
 use healer_support::*;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Event, Node};
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
@@ -65,6 +69,14 @@ fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Sum of every series whose line starts with `prefix` in a Prometheus text exposition.
+fn sum_metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The first Job made from `template`, if any.
 async fn job_named(admin: &kube::Client, template: &str) -> Result<Option<String>> {
     let jobs: Api<Job> = Api::namespaced(admin.clone(), "ark-system");
@@ -77,38 +89,47 @@ async fn job_named(admin: &kube::Client, template: &str) -> Result<Option<String
         .find_map(|j| j.metadata.name))
 }
 
-/// Names of every Job ever seen in `ark-system` (the healer deletes finished Jobs, so a count at
-/// the end would miss them); polled every 100 ms until dropped.
+/// Every Job ever seen in `ark-system`, by UID (the healer deletes finished Jobs, so a count at
+/// the end would miss them, and a Job deleted and made again under the same name is a second
+/// Job); polled every 100 ms until dropped.
 struct JobsSeen {
-    names: Arc<std::sync::Mutex<BTreeSet<String>>>,
+    uids: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl JobsSeen {
     fn start(admin: &kube::Client) -> Self {
         let jobs: Api<Job> = Api::namespaced(admin.clone(), "ark-system");
-        let names: Arc<std::sync::Mutex<BTreeSet<String>>> = Arc::default();
+        let uids: Arc<std::sync::Mutex<BTreeMap<String, String>>> = Arc::default();
         let task = {
-            let names = names.clone();
+            let uids = uids.clone();
             tokio::spawn(async move {
                 loop {
                     if let Ok(list) = jobs.list(&ListParams::default()).await {
-                        let mut n = names.lock().unwrap_or_else(|p| p.into_inner());
-                        n.extend(list.items.into_iter().filter_map(|j| j.metadata.name));
+                        let mut u = uids.lock().unwrap_or_else(|p| p.into_inner());
+                        u.extend(
+                            list.items
+                                .into_iter()
+                                .filter_map(|j| Some((j.metadata.uid?, j.metadata.name?))),
+                        );
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             })
         };
-        JobsSeen { names, task }
+        JobsSeen { uids, task }
     }
 
+    /// Names of the distinct Jobs (one entry per UID) whose name starts with `prefix`, sorted.
     fn with_prefix(&self, prefix: &str) -> Vec<String> {
-        let n = self.names.lock().unwrap_or_else(|p| p.into_inner());
-        n.iter()
+        let u = self.uids.lock().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<String> = u
+            .values()
             .filter(|j| j.starts_with(prefix))
             .cloned()
-            .collect()
+            .collect();
+        names.sort();
+        names
     }
 }
 
@@ -552,23 +573,55 @@ async fn hardening_a_flapping_alert_causes_no_cordon_storm() -> Result<()> {
     Ok(())
 }
 
+/// Where in the SOP the leader is killed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Boundary {
+    /// The ticket shows Cordon Succeeded.
+    AfterCordon,
+    /// The ticket shows Drain Running and the pod is evicted but not gone (no kubelet yet).
+    DuringDrain,
+    /// The reboot Job exists in the apiserver.
+    AfterRunJobCreated,
+}
+
 #[tokio::test]
-async fn hardening_leader_sigkilled_mid_sop_the_other_replica_finishes_it_once() -> Result<()> {
-    if ark_harness::skip_without_services(
-        "hardening_leader_sigkilled_mid_sop_the_other_replica_finishes_it_once",
-    ) {
+async fn hardening_leader_sigkilled_after_cordon_the_other_replica_finishes_the_sop_once()
+-> Result<()> {
+    leader_sigkilled_at(Boundary::AfterCordon).await
+}
+
+#[tokio::test]
+async fn hardening_leader_sigkilled_during_drain_the_other_replica_finishes_the_sop_once()
+-> Result<()> {
+    leader_sigkilled_at(Boundary::DuringDrain).await
+}
+
+#[tokio::test]
+async fn hardening_leader_sigkilled_after_runjob_created_no_second_reboot_job() -> Result<()> {
+    leader_sigkilled_at(Boundary::AfterRunJobCreated).await
+}
+
+/// Two replicas; the leader is SIGKILLed at `at`; the other must take over within the lease
+/// and finish the SOP with no step redone and exactly one reboot Job.
+async fn leader_sigkilled_at(at: Boundary) -> Result<()> {
+    if ark_harness::skip_without_services(&format!("hardening_leader_sigkilled {at:?}")) {
         return Ok(());
     }
     let kube = KubeCluster::start().await?;
     setup_rbac(&kube).await?;
     let admin = kube.client("admin").await?;
     let nodes: Api<Node> = Api::all(admin.clone());
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "work");
     let leases: Api<Lease> = Api::namespaced(admin.clone(), "ark-system");
     kube.create_node("n1", &[]).await?;
-    // A pod to drain; no kubelet yet, so the evicted pod lingers and the drain is in progress
-    // when the leader dies.
+    // A pod to drain. Until the kubelet runs the evicted pod lingers, so the drain is still in
+    // progress when the leader dies at Cordon or Drain; to reach RunJob it must run from the start.
     kube.create_pod("work", "p1", "n1", &[("app", "train")])
         .await?;
+    let mut kubelet = None;
+    if at == Boundary::AfterRunJobCreated {
+        kubelet = Some(kube.start_fake_kubelet().await?);
+    }
     let dir = tempfile::tempdir()?;
     let lease_s = 4;
     let cfg = format!("[lease]\nnamespace = \"ark-system\"\nduration_seconds = {lease_s}\n");
@@ -589,18 +642,31 @@ async fn hardening_leader_sigkilled_mid_sop_the_other_replica_finishes_it_once()
     let jobs_seen = JobsSeen::start(&admin);
     let body = payload(vec![alert("n1", "GpuFellOffBus", true, T0)]);
     a.post(&body).await?;
-    // SIGKILL the leader the moment the apiserver shows Cordon succeeded.
-    let at_kill = wait_for("Cordon succeeded", WAIT, &[&a.service], || async {
+    // SIGKILL the leader the moment the apiserver shows the boundary.
+    let at_kill = wait_for(&format!("{at:?}"), WAIT, &[&a.service], || async {
         let n = nodes.get("n1").await?;
-        Ok(ticket(&n).filter(|t| workflow_status(t, "Cordon") == ["Succeeded"]))
+        let Some(t) = ticket(&n) else { return Ok(None) };
+        let reached = match at {
+            Boundary::AfterCordon => workflow_status(&t, "Cordon") == ["Succeeded"],
+            Boundary::DuringDrain => {
+                let evicted = pods
+                    .get_opt("p1")
+                    .await?
+                    .is_some_and(|p| p.metadata.deletion_timestamp.is_some());
+                workflow_status(&t, "Drain") == ["Running"] && evicted
+            }
+            Boundary::AfterRunJobCreated => job_named(&admin, "reboot").await?.is_some(),
+        };
+        Ok(reached.then_some(t))
     })
     .await?;
     a.service.signal(libc::SIGKILL);
     let killed = Instant::now();
     a.service.wait_exit(Duration::from_secs(10))?;
     let snapshot = ticket(&nodes.get("n1").await?).context("ticket")?;
+    let job_at_kill = job_named(&admin, "reboot").await?;
     eprintln!(
-        "killed replica-a with the ticket at (polled): {:?}; a moment later: {:?}",
+        "{at:?}: killed replica-a with the ticket at (polled): {:?}; a moment later: {:?}; reboot Job: {job_at_kill:?}",
         workflows(&at_kill),
         workflows(&snapshot)
     );
@@ -612,9 +678,14 @@ async fn hardening_leader_sigkilled_mid_sop_the_other_replica_finishes_it_once()
     assert_eq!(spec.holder_identity.as_deref(), Some("replica-b"));
     // Alertmanager re-sends the group to the new leader (the Service now points at it).
     b.post(&body).await?;
-    let _kubelet = kube.start_fake_kubelet().await?;
+    if kubelet.is_none() {
+        kubelet = Some(kube.start_fake_kubelet().await?);
+    }
 
     let job = wait_job(&admin, "reboot", &b).await?;
+    if let Some(j) = &job_at_kill {
+        assert_eq!(&job, j, "replica-b uses the Job replica-a created");
+    }
     kube.finish_job_pods("ark-system", &job, true).await?;
     wait_node(&nodes, "n1", "WaitCondition after the reboot", &b, |n| {
         ticket(n)
@@ -632,6 +703,7 @@ async fn hardening_leader_sigkilled_mid_sop_the_other_replica_finishes_it_once()
     })
     .await?;
     let total = killed.elapsed();
+    drop(kubelet);
 
     // Steps recorded before the kill were not redone; every step ran once.
     let (before, after) = (workflows(&snapshot), workflows(&done));
@@ -655,6 +727,8 @@ async fn hardening_leader_sigkilled_mid_sop_the_other_replica_finishes_it_once()
         "{after:?}"
     );
     assert!(after.iter().all(|w| w.1 == "Succeeded"), "{after:?}");
+    // One reboot Job and one health check Job ever existed (by UID: a Job deleted and created
+    // again under the same name would be a second reboot).
     let reboots = jobs_seen.with_prefix("ark-reboot-");
     assert_eq!(
         reboots,
@@ -667,34 +741,223 @@ async fn hardening_leader_sigkilled_mid_sop_the_other_replica_finishes_it_once()
         std::slice::from_ref(&hc),
         "healthcheck Jobs seen: {checks:?}"
     );
-    let created: usize = [a.audit(), b.audit()]
-        .iter()
-        .map(|au| {
-            au.iter()
-                .filter(|r| r["action"] == "RunJob")
-                .filter(|r| {
-                    r["message"]
-                        .as_str()
-                        .is_some_and(|m| m.ends_with("created"))
-                })
-                .count()
-        })
-        .sum();
-    assert_eq!(
-        created, 2,
-        "RunJob 'created' records (reboot + healthcheck)"
-    );
+    // No step succeeded twice in the two audit logs together (a replica killed between the
+    // ticket patch and its audit line may leave one out, never add one).
+    let audits = [a.audit(), b.audit()].concat();
+    for (i, (action, ..)) in after.iter().enumerate() {
+        let n = audits
+            .iter()
+            .filter(|r| r["node"] == "n1" && r["step"] == i && r["status"] == "Succeeded")
+            .count();
+        assert!(n <= 1, "step {i} ({action}) succeeded {n} times");
+    }
     let n = nodes.get("n1").await?;
     assert!(!unschedulable(&n));
     assert!(!taint_keys(&n).contains(&"ark.io/unhealthy".to_owned()));
     let cordons_a = audit_count(&a.audit(), "n1", "Cordon", Some("Succeeded"));
     let cordons_b = audit_count(&b.audit(), "n1", "Cordon", Some("Succeeded"));
-    assert_eq!(cordons_a + cordons_b, 1);
     let spec = leases.get("ark-healer").await?.spec.context("lease")?;
     eprintln!(
-        "failover: replica-b ready {takeover:?} after the SIGKILL (lease {lease_s} s), transitions {:?}; \
+        "failover at {at:?}: replica-b ready {takeover:?} after the SIGKILL (lease {lease_s} s), transitions {:?}; \
          SOP finished {total:?} after the kill; Cordon by a {cordons_a} / b {cordons_b}; Jobs created {reboots:?} {checks:?}",
         spec.lease_transitions
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn hardening_apiserver_restarted_under_load_the_healer_retries_and_resumes() -> Result<()> {
+    if ark_harness::skip_without_services(
+        "hardening_apiserver_restarted_under_load_the_healer_retries_and_resumes",
+    ) {
+        return Ok(());
+    }
+    const NODES: usize = 8;
+    // Longer than the lease and than one request's retry budget (5 attempts, ~4 s of backoff).
+    const OUTAGE: Duration = Duration::from_secs(12);
+    let mut kube = KubeCluster::start().await?;
+    setup_rbac(&kube).await?;
+    let admin = kube.client("admin").await?;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let names: Vec<String> = (0..NODES).map(|i| format!("r{i}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        kube.create_node(n, &[]).await?;
+        kube.create_pod("work", &format!("p{i}"), n, &[("app", "train")])
+            .await?;
+    }
+    let kubelet = kube.start_fake_kubelet().await?;
+    let dir = tempfile::tempdir()?;
+    let lease_s = 6;
+    let cfg = format!(
+        "{NO_BUDGET_LIMIT}[lease]\nnamespace = \"ark-system\"\nduration_seconds = {lease_s}\n"
+    );
+    let healer = Healer::start(&kube, dir.path(), "healer-restart", &cfg)?;
+    healer.ready().await?;
+    let jobs_seen = JobsSeen::start(&admin);
+    let body = payload(
+        names
+            .iter()
+            .map(|n| alert(n, "GpuFellOffBus", true, T0))
+            .collect(),
+    );
+
+    // Load: Alertmanager re-sends the group every 200 ms for the whole test; every post must be
+    // answered (the webhook does not depend on the apiserver).
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (url, body, stop) = (
+            healer.url("/api/v1/alerts"),
+            body.to_string(),
+            stop_load.clone(),
+        );
+        tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?;
+            let (mut ok, mut other, mut slowest) = (0usize, Vec::new(), Duration::ZERO);
+            while !stop.load(Ordering::SeqCst) {
+                let t = Instant::now();
+                let r = client
+                    .post(&url)
+                    .bearer_auth(TOKEN)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                slowest = slowest.max(t.elapsed());
+                match r {
+                    Ok(r) if r.status().is_success() => ok += 1,
+                    Ok(r) => other.push(r.status().to_string()),
+                    Err(e) => other.push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            anyhow::Ok((ok, other, slowest))
+        })
+    };
+
+    // Stop the apiserver mid-SOP: the moment the first node is cordoned.
+    wait_for("first Cordon", WAIT, &[&healer.service], || async {
+        let list = nodes.list(&ListParams::default()).await?;
+        Ok(list.items.iter().any(unschedulable).then_some(()))
+    })
+    .await?;
+    // Each node's steps just before the apiserver goes away: none of those may be redone.
+    let mut before = BTreeMap::new();
+    for n in &names {
+        let t = ticket(&nodes.get(n).await?);
+        before.insert(n.clone(), t.as_ref().map(workflows).unwrap_or_default());
+    }
+    kube.apiserver_stop();
+    let down = Instant::now();
+    tokio::time::sleep(OUTAGE / 2).await;
+    let retries_during = sum_metric(&healer.metrics().await?, "ark_healer_kube_retries_total{");
+    // The Lease (6 s) lapsed during the outage: the healer must have stopped leading.
+    tokio::time::sleep(OUTAGE / 2).await;
+    let leader_during = metric(&healer.metrics().await?, "ark_healer_is_leader");
+    let ready_during = healer.is_ready().await;
+    healer.service.ensure_running()?;
+    kube.apiserver_start().await?;
+    let up = Instant::now();
+    eprintln!(
+        "apiserver down {:?}: healer retried {retries_during} requests in the first half, \
+         is_leader {leader_during} and ready {ready_during} at the end",
+        down.elapsed()
+    );
+    healer.ready().await?;
+    let leader_again = up.elapsed();
+
+    // Resumes: every node reaches its reboot Job, made once.
+    let admin2 = admin.clone();
+    let jobs = wait_for(
+        "a reboot Job per node",
+        WAIT,
+        &[&healer.service],
+        || async {
+            let jobs: Api<Job> = Api::namespaced(admin2.clone(), "ark-system");
+            let lp = ListParams::default().labels("ark.io/template=reboot");
+            let names: Vec<String> = jobs
+                .list(&lp)
+                .await?
+                .items
+                .into_iter()
+                .filter_map(|j| j.metadata.name)
+                .collect();
+            Ok((names.len() == NODES).then_some(names))
+        },
+    )
+    .await
+    .with_context(|| format!("healer log:\n{}", healer.service.log_tail(40)))?;
+    let resumed = up.elapsed();
+    for j in &jobs {
+        kube.finish_job_pods("ark-system", j, true).await?;
+    }
+    for n in &names {
+        wait_node(
+            &nodes,
+            n,
+            "WaitCondition after the reboot",
+            &healer,
+            |node| {
+                ticket(node)
+                    .filter(|t| workflow_status(t, "WaitCondition") == ["Running"])
+                    .map(|_| ())
+            },
+        )
+        .await?;
+    }
+    let all_rebooted = up.elapsed();
+    stop_load.store(true, Ordering::SeqCst);
+    let (acked, failed_posts, slowest_post) = load.await??;
+    drop(kubelet);
+
+    assert!(
+        failed_posts.is_empty(),
+        "webhook posts not acknowledged: {failed_posts:?}"
+    );
+    assert!(
+        retries_during > 0.0,
+        "the healer retried against the dead apiserver"
+    );
+    assert_eq!(leader_during, 0.0, "still leading with a lapsed Lease");
+    assert!(!ready_during, "ready (leading) with a lapsed Lease");
+    let reboots = jobs_seen.with_prefix("ark-reboot-");
+    assert_eq!(reboots.len(), NODES, "one reboot Job per node: {reboots:?}");
+    for n in &names {
+        let t = ticket(&nodes.get(n).await?).context("ticket")?;
+        let w = workflows(&t);
+        let actions: Vec<&str> = w.iter().map(|w| w.0.as_str()).collect();
+        assert_eq!(
+            actions,
+            ["Cordon", "Taint", "Drain", "RunJob", "WaitCondition"],
+            "{n}: {w:?}"
+        );
+        assert!(
+            w.iter().all(|s| s.1 != "Failed"),
+            "{n}: a step failed because the apiserver was away: {w:?}"
+        );
+        for (i, s) in before[n].iter().enumerate() {
+            if s.1 == "Succeeded" {
+                assert_eq!(&w[i], s, "{n}: step {i} redone after the restart");
+            }
+        }
+    }
+    let text = healer.metrics().await?;
+    let retries = sum_metric(&text, "ark_healer_kube_retries_total{");
+    let retry_lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("ark_healer_kube_retries_total{"))
+        .collect();
+    let progress: Vec<usize> = before
+        .values()
+        .map(|w| w.iter().filter(|s| s.1 == "Succeeded").count())
+        .collect();
+    eprintln!(
+        "apiserver restart under load: {NODES} nodes, steps done per node at the stop {progress:?}; \
+         outage {OUTAGE:?}; healer leader again {leader_again:?} after the apiserver was ready, \
+         every reboot Job created {resumed:?} after, every node past its reboot {all_rebooted:?} after; \
+         {acked} webhook posts acknowledged (slowest {slowest_post:?}), 0 failed; \
+         {retries} Kubernetes retries in all: {retry_lines:?}"
     );
     Ok(())
 }
