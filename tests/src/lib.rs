@@ -19,6 +19,7 @@ pub mod kubernetes;
 pub mod prometheus;
 pub mod rules;
 pub mod service;
+pub mod watch;
 pub mod webhook;
 
 use std::path::PathBuf;
@@ -27,6 +28,7 @@ pub use kubernetes::{FakeKubelet, KubeCluster, kube_bin_dir};
 pub use prometheus::{Alertmanager, AmConfig, PromConfig, Prometheus};
 pub use rules::scaled_alert_rules;
 pub use service::{Service, ensure_port_free, free_port, prom_duration, wait_for};
+pub use watch::CordonWatch;
 pub use webhook::{Received, WebhookSink};
 
 /// The workspace root (this crate lives in `<root>/tests`).

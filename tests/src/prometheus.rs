@@ -212,6 +212,37 @@ impl Prometheus {
             .unwrap_or_default())
     }
 
+    /// Range query from `start` to `end` (Unix seconds) at `step`; returns `data.result` (a
+    /// matrix: one entry per series, with `values` as `[time, "value"]` pairs).
+    pub async fn query_range(
+        &self,
+        promql: &str,
+        start: f64,
+        end: f64,
+        step: Duration,
+    ) -> Result<Vec<Value>> {
+        let resp = self
+            .http
+            .get(format!("{}/api/v1/query_range", self.url()))
+            .query(&[
+                ("query", promql.to_owned()),
+                ("start", format!("{start:.3}")),
+                ("end", format!("{end:.3}")),
+                ("step", format!("{}", step.as_secs_f64())),
+            ])
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: Value = resp.json().await?;
+        if !status.is_success() || body["status"] != "success" {
+            bail!("query_range {promql:?}: {status}: {body}");
+        }
+        Ok(body["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
     /// `GET /api/v1/status/buildinfo` data.
     pub async fn build_info(&self) -> Result<Value> {
         self.get_json("/api/v1/status/buildinfo").await

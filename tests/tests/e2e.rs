@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use ark_harness::{
-    Alertmanager, AmConfig, FakeKubelet, KubeCluster, PromConfig, Prometheus, Service, bin_path,
-    free_port, repo_root, wait_for,
+    Alertmanager, AmConfig, CordonWatch, FakeKubelet, KubeCluster, PromConfig, Prometheus, Service,
+    bin_path, free_port, repo_root, wait_for,
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -55,6 +55,8 @@ struct Options {
     interval: Duration,
     /// `[budget] max_unschedulable`.
     budget: u32,
+    /// `cooldown_seconds` (0: none, so scenarios do not wait on each other).
+    cooldown: u64,
 }
 
 impl Default for Options {
@@ -62,6 +64,7 @@ impl Default for Options {
         Options {
             interval: Duration::from_secs(1),
             budget: 100,
+            cooldown: 0,
         }
     }
 }
@@ -125,10 +128,11 @@ impl Stack {
         std::fs::write(
             &healer_config,
             format!(
-                "dry_run = false\ncooldown_seconds = 0\nevents_namespace = \"kube-system\"\n\
+                "dry_run = false\ncooldown_seconds = {}\nevents_namespace = \"kube-system\"\n\
                  jobs_namespace = \"ark-system\"\naudit_log = \"{}\"\nreconcile_interval_seconds = 1\n\
                  [budget]\nmax_unschedulable = {}\nmax_unschedulable_percent = 100.0\n\
                  [lease]\nenabled = true\nname = \"ark-healer\"\nnamespace = \"ark-system\"\nduration_seconds = 5\n",
+                opts.cooldown,
                 d.join("audit.jsonl").display(),
                 opts.budget,
             ),
@@ -480,6 +484,134 @@ async fn xid79_reboots_the_node_and_a_cleared_fault_uncordons_it() -> Result<()>
     for step in ["Cordon", "Drain", "RunJob", "Uncordon"] {
         assert!(audit.contains(step), "audit log lacks {step}");
     }
+    Ok(())
+}
+
+/// Rising edges (not firing → firing) of `ALERTS{alertname, node, firing}` between `from` and
+/// now, as Prometheus recorded them (1 s resolution): how often the alert fired.
+async fn times_fired(s: &Stack, alertname: &str, node: &str, from: f64) -> Result<usize> {
+    let q = format!(r#"ALERTS{{alertname="{alertname}",node="{node}",alertstate="firing"}}"#);
+    let now = now_ms() as f64 / 1000.0;
+    let series = s
+        .prom
+        .query_range(&q, from, now, Duration::from_secs(1))
+        .await?;
+    let mut times: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s["values"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v[0].as_f64())
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times.dedup();
+    // A step with no sample (Prometheus wrote a stale marker when the alert resolved) is a gap.
+    Ok(times
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| *i == 0 || **t - times[i - 1] > 1.5)
+        .count())
+}
+
+/// A GPU that keeps falling off the bus and coming back, through the real exporter, Prometheus
+/// (time-scaled rules: a 10 s window and keep_firing_for 5 s) and Alertmanager:
+/// 1. XID 79 once: one remediation (cordon, drain, reboot, health check, uncordon);
+/// 2. XID 79 every 11 s: keep_firing_for holds the alert, so it does not flap at all;
+/// 3. XID 79 every 20 s: the alert really fires and resolves each time; the healer's cooldown
+///    holds the node.
+///
+/// In all: one cordon, one uncordon, one reboot Job — no storm.
+#[tokio::test]
+async fn a_flapping_gpu_is_remediated_once_then_held_by_keep_firing_and_the_cooldown() -> Result<()>
+{
+    if ark_harness::skip_without_services(
+        "a_flapping_gpu_is_remediated_once_then_held_by_keep_firing_and_the_cooldown",
+    ) {
+        return Ok(());
+    }
+    let opts = Options {
+        cooldown: 3600,
+        ..Options::default()
+    };
+    let s = Stack::start(&["gpu-node-f"], opts).await?;
+    let n = "gpu-node-f";
+    let admin = s.kube.client("admin").await?;
+    let watch = CordonWatch::start(Api::all(admin)).await?;
+    let started = Instant::now();
+    let xid79 = || s.inject(n, "error.hw", "gpu-1", "XID_79", None, None);
+
+    // 1. One fault, one remediation.
+    xid79()?;
+    s.complete_job(n, "reboot", true).await?;
+    s.complete_job(n, "healthcheck", true).await?;
+    s.wait_ticket(n, Duration::from_secs(90), "first remediation done", |t| {
+        t["status"] == "resolved"
+    })
+    .await?;
+    let remediated = started.elapsed();
+
+    // 2. Faults 11 s apart: within window + keep_firing_for (15 s), one continuous alert.
+    let phase2 = now_ms() as f64 / 1000.0;
+    for _ in 0..4 {
+        xid79()?;
+        tokio::time::sleep(Duration::from_secs(11)).await;
+    }
+    let fired_held = times_fired(&s, "GpuFellOffBus", n, phase2).await?;
+
+    // 3. Faults 20 s apart: the alert resolves between them and fires again.
+    let phase3 = now_ms() as f64 / 1000.0;
+    for _ in 0..3 {
+        xid79()?;
+        tokio::time::sleep(Duration::from_secs(20)).await;
+    }
+    let fired_flapping = times_fired(&s, "GpuFellOffBus", n, phase3).await?;
+    let (cordons, uncordons, _) = watch.finish().await;
+
+    let t = s.ticket(n).await?.context("ticket")?;
+    let audit = std::fs::read_to_string(s.dir.path().join("audit.jsonl"))?;
+    let count = |action: &str, status: &str| {
+        audit
+            .lines()
+            .filter(|l| {
+                l.contains(&format!(r#""action":"{action}""#))
+                    && l.contains(&format!(r#""status":"{status}""#))
+            })
+            .count()
+    };
+    // Jobs are deleted once their success is recorded; the audit log keeps every creation.
+    let reboots = audit
+        .lines()
+        .filter(|l| l.contains("Job ark-reboot-") && l.contains("created"))
+        .count();
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", s.healer_port))
+        .await?
+        .text()
+        .await?;
+    let cooldown_blocks: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"ark_healer_actions_blocked_total{reason="cooldown"} "#))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    eprintln!(
+        "flapping GPU: first remediation done {remediated:?} after the fault; faults 11 s apart \
+         fired {fired_held} time(s), 20 s apart fired {fired_flapping} times; cordons {cordons}, \
+         uncordons {uncordons}, reboot Jobs created {}, cooldown blocks {cooldown_blocks}; \
+         {:?} in all",
+        reboots,
+        started.elapsed()
+    );
+    assert!(
+        fired_held <= 1,
+        "keep_firing_for did not hold the alert: fired {fired_held} times"
+    );
+    assert!(
+        fired_flapping >= 2,
+        "the alert did not flap at Prometheus (fired {fired_flapping} times): the test proves nothing"
+    );
+    assert_eq!((cordons, uncordons), (1, 1), "cordon/uncordon storm");
+    assert_eq!(count("Cordon", "Succeeded"), 1, "{audit}");
+    assert_eq!(reboots, 1, "reboot Jobs created: {reboots}");
+    assert_eq!(t["status"], "resolved", "{t:?}");
+    assert!(cooldown_blocks >= 1.0, "the cooldown never held the node");
+    assert!(!unschedulable(&s.node_obj(n).await?));
     Ok(())
 }
 

@@ -16,13 +16,13 @@
 
 mod healer_support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use ark_harness::{KubeCluster, wait_for};
+use ark_harness::{CordonWatch, KubeCluster, wait_for};
 use healer_support::*;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -169,86 +169,6 @@ fn vm_rss_kib(pid: u32) -> Option<u64> {
         .trim()
         .parse()
         .ok()
-}
-
-/// Polls the node list every 50 ms and counts schedulable↔unschedulable transitions per node.
-struct CordonWatch {
-    cordons: Arc<AtomicUsize>,
-    uncordons: Arc<AtomicUsize>,
-    max_out: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl CordonWatch {
-    async fn start(nodes: Api<Node>) -> Result<Self> {
-        // The baseline is taken before the caller goes on, so no transition is missed.
-        let first: BTreeSet<String> = nodes
-            .list(&ListParams::default())
-            .await?
-            .items
-            .iter()
-            .filter(|n| unschedulable(n))
-            .filter_map(|n| n.metadata.name.clone())
-            .collect();
-        let cordons = Arc::new(AtomicUsize::new(0));
-        let uncordons = Arc::new(AtomicUsize::new(0));
-        let max_out = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let task = {
-            let (c, u, m, stop) = (
-                cordons.clone(),
-                uncordons.clone(),
-                max_out.clone(),
-                stop.clone(),
-            );
-            tokio::spawn(async move {
-                let mut last = Some(first);
-                while !stop.load(Ordering::SeqCst) {
-                    if let Ok(list) = nodes.list(&ListParams::default()).await {
-                        let out: BTreeSet<String> = list
-                            .items
-                            .iter()
-                            .filter(|n| unschedulable(n))
-                            .filter_map(|n| n.metadata.name.clone())
-                            .collect();
-                        m.fetch_max(out.len(), Ordering::SeqCst);
-                        if let Some(prev) = &last {
-                            c.fetch_add(out.difference(prev).count(), Ordering::SeqCst);
-                            u.fetch_add(prev.difference(&out).count(), Ordering::SeqCst);
-                        }
-                        last = Some(out);
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            })
-        };
-        Ok(CordonWatch {
-            cordons,
-            uncordons,
-            max_out,
-            stop,
-            task,
-        })
-    }
-
-    /// (cordons, uncordons, most nodes unschedulable at once) seen so far.
-    fn counts(&self) -> (usize, usize, usize) {
-        (
-            self.cordons.load(Ordering::SeqCst),
-            self.uncordons.load(Ordering::SeqCst),
-            self.max_out.load(Ordering::SeqCst),
-        )
-    }
-
-    async fn finish(self) -> (usize, usize, usize) {
-        // One more poll so the last state is counted.
-        tokio::time::sleep(Duration::from_millis(120)).await;
-        self.stop.store(true, Ordering::SeqCst);
-        let counts = self.counts();
-        let _ = self.task.await;
-        counts
-    }
 }
 
 const NO_BUDGET_LIMIT: &str = "[budget]\nmax_unschedulable = 0\nmax_unschedulable_percent = 0.0\n";
