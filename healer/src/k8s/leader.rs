@@ -1,5 +1,5 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease: two replicas, one acts. The holder renews
-//! every third of the lease duration; another replica takes over once `renewTime +
+//! every third of the lease duration; another replica takes over as soon as `renewTime +
 //! leaseDurationSeconds` has passed without renewal. Every write carries the Lease's
 //! resourceVersion, so two candidates cannot both win (the loser gets 409). A leader that cannot
 //! renew within the lease duration steps down by itself.
@@ -18,6 +18,17 @@ use super::Kube;
 use crate::Result;
 use crate::config;
 
+/// What one acquire/renew attempt found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Attempt {
+    /// We hold the Lease (created, renewed or taken over).
+    Held,
+    /// Another replica holds it; its lease ends in `expires_in` unless renewed.
+    Standby { expires_in: Duration },
+    /// Another replica won a race for it (409).
+    Lost,
+}
+
 pub struct LeaderElector {
     kube: Kube,
     cfg: config::Lease,
@@ -35,8 +46,8 @@ impl LeaderElector {
         }
     }
 
-    /// One acquire/renew attempt. Returns whether we hold the lease afterwards.
-    pub async fn try_acquire(&self) -> Result<bool> {
+    /// One acquire/renew attempt, saying when another holder's lease expires.
+    async fn attempt(&self) -> Result<Attempt> {
         let api: Api<Lease> = Api::namespaced(self.kube.client.clone(), &self.cfg.namespace);
         let now = Timestamp::now();
         let duration = self.cfg.duration_seconds as i32;
@@ -66,20 +77,23 @@ impl LeaderElector {
                 .call("create lease", || api.create(&pp, &lease))
                 .await
             {
-                Ok(_) => Ok(true),
-                Err(e) if e.api_status() == Some(409) => Ok(false),
+                Ok(_) => Ok(Attempt::Held),
+                Err(e) if e.api_status() == Some(409) => Ok(Attempt::Lost),
                 Err(e) => Err(e),
             };
         };
         let spec = lease.spec.get_or_insert_with(Default::default);
         let holder = spec.holder_identity.clone().unwrap_or_default();
         let mine = holder == self.identity;
-        let expired = spec.renew_time.as_ref().is_none_or(|t| {
+        // Millisecond precision: a standby wakes up right when the holder's lease ends.
+        let left_ms = spec.renew_time.as_ref().map_or(0, |t| {
             let d = i64::from(spec.lease_duration_seconds.unwrap_or(duration));
-            t.0.as_second() + d < now.as_second()
+            t.0.as_millisecond() + d * 1000 - now.as_millisecond()
         });
-        if !mine && !holder.is_empty() && !expired {
-            return Ok(false);
+        if !mine && !holder.is_empty() && left_ms >= 0 {
+            return Ok(Attempt::Standby {
+                expires_in: Duration::from_millis(left_ms.unsigned_abs()),
+            });
         }
         if !mine {
             spec.holder_identity = Some(self.identity.clone());
@@ -93,8 +107,8 @@ impl LeaderElector {
             .call("update lease", || api.replace(&self.cfg.name, &pp, &lease))
             .await
         {
-            Ok(_) => Ok(true),
-            Err(e) if e.api_status() == Some(409) => Ok(false),
+            Ok(_) => Ok(Attempt::Held),
+            Err(e) if e.api_status() == Some(409) => Ok(Attempt::Lost),
             Err(e) => Err(e),
         }
     }
@@ -113,13 +127,19 @@ impl LeaderElector {
             let attempt = match last_renew {
                 Some(t) => {
                     let left = lease.saturating_sub(t.elapsed());
-                    tokio::time::timeout(left, self.try_acquire()).await.ok()
+                    tokio::time::timeout(left, self.attempt()).await.ok()
                 }
-                None => Some(self.try_acquire().await),
+                None => Some(self.attempt().await),
             };
-            let renewed = matches!(attempt, Some(Ok(true)));
+            let renewed = matches!(attempt, Some(Ok(Attempt::Held)));
+            let mut standby = None;
             let held = match attempt {
-                Some(Ok(h)) => h,
+                Some(Ok(Attempt::Held)) => true,
+                Some(Ok(Attempt::Lost)) => false,
+                Some(Ok(Attempt::Standby { expires_in })) => {
+                    standby = Some(expires_in);
+                    false
+                }
                 Some(Err(e)) => {
                     tracing::warn!(identity = %self.identity, error = %e, "Lease renewal failed");
                     // Keep leading only while the last successful renewal is still valid.
@@ -141,10 +161,15 @@ impl LeaderElector {
                 self.kube.metrics.is_leader.set(i64::from(held));
                 tracing::info!(identity = %self.identity, leader = held, "Leadership changed");
             }
-            // While leading after a failed renewal, wake up no later than the lease's end.
+            // While leading after a failed renewal, wake up no later than the lease's end; as a
+            // standby, right after the holder's lease ends (so a dead leader is replaced within
+            // the lease duration of its last renewal, not up to a period later).
             let mut sleep = period;
             if let (true, Some(t)) = (held, last_renew) {
                 sleep = sleep.min(lease.saturating_sub(t.elapsed()));
+            }
+            if let Some(left) = standby {
+                sleep = sleep.min(left + Duration::from_millis(20));
             }
             tokio::time::sleep(sleep).await;
         }
