@@ -27,7 +27,7 @@ use healer_support::*;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 
 const T0: &str = "2026-11-22T10:00:00Z";
@@ -897,21 +897,8 @@ async fn hardening_flood_of_100k_alerts_bounded_memory_dedup_and_budget() -> Res
     setup_rbac(&kube).await?;
     let admin = kube.client("admin").await?;
     let nodes: Api<Node> = Api::all(admin.clone());
-    for chunk in (0..NODES).collect::<Vec<_>>().chunks(16) {
-        let mut set = tokio::task::JoinSet::new();
-        for &i in chunk {
-            let nodes = nodes.clone();
-            set.spawn(async move {
-                let n: Node =
-                    serde_json::from_value(json!({"metadata": {"name": format!("f{i:03}")}}))?;
-                nodes.create(&PostParams::default(), &n).await?;
-                anyhow::Ok(())
-            });
-        }
-        while let Some(r) = set.join_next().await {
-            r??;
-        }
-    }
+    kube.create_nodes((0..NODES).map(|i| format!("f{i:03}")))
+        .await?;
     let dir = tempfile::tempdir()?;
     // Notify-only SOP: no Jobs to finish; the budget is what is under test.
     let catalog = dir.path().join("catalog.yaml");

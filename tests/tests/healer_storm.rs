@@ -12,8 +12,7 @@ use anyhow::Result;
 use ark_harness::{KubeCluster, wait_for};
 use healer_support::*;
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, ListParams, PostParams};
-use serde_json::json;
+use kube::api::{Api, ListParams};
 
 const NODES: usize = 1000;
 const BUDGET: usize = 20;
@@ -41,22 +40,8 @@ async fn healer_storm_of_10k_alerts_over_1000_nodes_keeps_the_budget() -> Result
     setup_rbac(&kube).await?;
     let admin = kube.client("admin").await?;
     let nodes: Api<Node> = Api::all(admin.clone());
-    // Create the nodes 16 at a time.
-    for chunk in (0..NODES).collect::<Vec<_>>().chunks(16) {
-        let mut set = tokio::task::JoinSet::new();
-        for &i in chunk {
-            let nodes = nodes.clone();
-            set.spawn(async move {
-                let n: Node =
-                    serde_json::from_value(json!({"metadata": {"name": format!("n{i:04}")}}))?;
-                nodes.create(&PostParams::default(), &n).await?;
-                anyhow::Ok(())
-            });
-        }
-        while let Some(r) = set.join_next().await {
-            r??;
-        }
-    }
+    kube.create_nodes((0..NODES).map(|i| format!("n{i:04}")))
+        .await?;
 
     let dir = tempfile::tempdir()?;
     let cfg = format!(
