@@ -195,21 +195,8 @@ impl Prometheus {
 
     /// Instant query; returns `data.result`.
     pub async fn query(&self, promql: &str) -> Result<Vec<Value>> {
-        let resp = self
-            .http
-            .get(format!("{}/api/v1/query", self.url()))
-            .query(&[("query", promql)])
-            .send()
-            .await?;
-        let status = resp.status();
-        let body: Value = resp.json().await?;
-        if !status.is_success() || body["status"] != "success" {
-            bail!("query {promql:?}: {status}: {body}");
-        }
-        Ok(body["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default())
+        self.api_result("query", &[("query", promql.to_owned())])
+            .await
     }
 
     /// Range query from `start` to `end` (Unix seconds) at `step`; returns `data.result` (a
@@ -221,21 +208,27 @@ impl Prometheus {
         end: f64,
         step: Duration,
     ) -> Result<Vec<Value>> {
+        let params = [
+            ("query", promql.to_owned()),
+            ("start", format!("{start:.3}")),
+            ("end", format!("{end:.3}")),
+            ("step", format!("{}", step.as_secs_f64())),
+        ];
+        self.api_result("query_range", &params).await
+    }
+
+    /// `GET /api/v1/<endpoint>?<params>`; `data.result`, or an error with Prometheus' answer.
+    async fn api_result(&self, endpoint: &str, params: &[(&str, String)]) -> Result<Vec<Value>> {
         let resp = self
             .http
-            .get(format!("{}/api/v1/query_range", self.url()))
-            .query(&[
-                ("query", promql.to_owned()),
-                ("start", format!("{start:.3}")),
-                ("end", format!("{end:.3}")),
-                ("step", format!("{}", step.as_secs_f64())),
-            ])
+            .get(format!("{}/api/v1/{endpoint}", self.url()))
+            .query(params)
             .send()
             .await?;
         let status = resp.status();
         let body: Value = resp.json().await?;
         if !status.is_success() || body["status"] != "success" {
-            bail!("query_range {promql:?}: {status}: {body}");
+            bail!("{endpoint} {params:?}: {status}: {body}");
         }
         Ok(body["data"]["result"]
             .as_array()
