@@ -13,10 +13,10 @@
 //! `ARK_UPDATE_GOLDEN=1 cargo test -p ark-exporter --test nvml`.
 mod common;
 use common::promtool_check;
+use common::{Kill, http_get};
 
-use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -480,31 +480,6 @@ fn real_nvml_source_where_available() {
     }
 }
 
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    Some((
-        head.split_whitespace().nth(1)?.parse().ok()?,
-        body.to_owned(),
-    ))
-}
-
 /// Item 4 of the issue, for real: the binary with `--collector nvml` on this machine.
 #[test]
 fn binary_with_the_nvml_collector_keeps_serving_without_a_gpu() {
@@ -537,7 +512,7 @@ fn binary_with_the_nvml_collector_keeps_serving_without_a_gpu() {
     let want = if nvml_here { 1.0 } else { 0.0 };
     let mut text = String::new();
     for _ in 0..500 {
-        if let Some((200, t)) = http_get(port, "/metrics")
+        if let Some((200, t)) = http_get(port, "/metrics", Duration::from_secs(5))
             && sample(&t, "ark_collector_up", &[("collector", "nvml")]) == Some(want)
             && (nvml_here
                 || std::fs::read_to_string(&log)
@@ -556,7 +531,10 @@ fn binary_with_the_nvml_collector_keeps_serving_without_a_gpu() {
         std::fs::read_to_string(&log).unwrap()
     );
     // Everything else keeps working.
-    assert_eq!(http_get(port, "/readyz").map(|r| r.0), Some(200));
+    assert_eq!(
+        http_get(port, "/readyz", Duration::from_secs(5)).map(|r| r.0),
+        Some(200)
+    );
     assert_eq!(
         sample(&text, "ark_collector_up", &[("collector", "probe")]),
         Some(1.0)
@@ -683,7 +661,7 @@ fn binary_with_the_real_source_on_the_abi_stub() {
     );
     let mut text = String::new();
     for _ in 0..500 {
-        if let Some((200, t)) = http_get(port, "/metrics")
+        if let Some((200, t)) = http_get(port, "/metrics", Duration::from_secs(5))
             && sample(&t, "ark_gpu_up", &[("gpu", "1")]) == Some(0.0)
             && sample(&t, "ark_gpu_up", &[("gpu", "0")]) == Some(1.0)
             && sample(

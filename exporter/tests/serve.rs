@@ -2,34 +2,12 @@
 //! `ark-exporter --web.listen-address 127.0.0.1:PORT --node-name n1 --probe ./inject.sh --rules rules/`,
 //! then `/healthz`, `/readyz`, `/metrics` and `ark-exporter why <pid>`.
 
-use std::io::{Read, Write};
+mod common;
+use common::{Kill, http_get};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
-
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
-}
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -262,4 +240,8 @@ fn probes_die_with_a_killed_exporter() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(gone, "probe {pid} outlived its SIGKILLed exporter");
+}
+
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_get(port, path, Duration::from_secs(5))
 }

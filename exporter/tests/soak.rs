@@ -7,35 +7,15 @@
 //! passes the release build; default: this profile's build). nextest runs it alone
 //! (`.config/nextest.toml`) so the rate it reports is not shared with another test.
 
-use std::io::{Read, Write};
+mod common;
+use common::Kill;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const RSS_CAP_BYTES: u64 = 256 * 1024 * 1024;
 const SERIES_BUDGET: usize = 2_000;
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn get(port: u16, path: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    head.contains(" 200 ").then(|| body.to_owned())
-}
 
 fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -213,4 +193,11 @@ fn a_minute_of_100k_events_per_second_over_a_million_pids() {
         evicted > 0.0,
         "old pids were evicted to stay under the caps"
     );
+}
+
+/// `/metrics` and friends: the body of a 200 answered within 2 s, else `None` (a failed scrape).
+fn get(port: u16, path: &str) -> Option<String> {
+    common::http_get(port, path, Duration::from_secs(2))
+        .filter(|(status, _)| *status == 200)
+        .map(|(_, body)| body)
 }
