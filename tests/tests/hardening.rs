@@ -788,15 +788,14 @@ async fn hardening_apiserver_restarted_under_load_the_healer_retries_and_resumes
     let leader_again = up.elapsed();
 
     // Resumes: every node reaches its reboot Job, made once.
-    let admin2 = admin.clone();
+    let job_api: Api<Job> = Api::namespaced(admin.clone(), "ark-system");
+    let lp = ListParams::default().labels("ark.io/template=reboot");
     let jobs = wait_for(
         "a reboot Job per node",
         WAIT,
         &[&healer.service],
         || async {
-            let jobs: Api<Job> = Api::namespaced(admin2.clone(), "ark-system");
-            let lp = ListParams::default().labels("ark.io/template=reboot");
-            let names: Vec<String> = jobs
+            let names: Vec<String> = job_api
                 .list(&lp)
                 .await?
                 .items
