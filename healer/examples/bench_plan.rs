@@ -9,7 +9,7 @@ use std::time::Instant;
 use ark_healer::alerts::{Alert, AlertStatus, AlertStore};
 use ark_healer::catalog::Catalog;
 use ark_healer::config::Config;
-use ark_healer::planner::{ClusterView, NodeView, plan};
+use ark_healer::planner::{ClusterView, NodeView, PlanInput, plan};
 
 const CONDITIONS: [&str; 10] = [
     "GpuHung",
@@ -78,7 +78,14 @@ fn main() -> anyhow::Result<()> {
             store.apply(a);
         }
         let snapshot = store.snapshot();
-        let p = plan(&snapshot, &catalog, &config, &view, jiff::Timestamp::now());
+        let p = plan(&PlanInput {
+            alerts: &snapshot,
+            catalog: &catalog,
+            config: &config,
+            view: &view,
+            now: jiff::Timestamp::now(),
+            silence_means_resolved: true,
+        });
         std::hint::black_box(&p);
         times.push(t.elapsed().as_secs_f64() * 1000.0);
     }

@@ -59,6 +59,9 @@ pub enum Step {
         template: String,
         #[serde(default = "default_timeout", rename = "timeoutSeconds")]
         timeout_seconds: u64,
+        /// Does this Job take capacity away? Default: by template ([`DISRUPTIVE_TEMPLATES`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        disruptive: Option<bool>,
     },
     WaitCondition {
         #[serde(default = "default_timeout", rename = "timeoutSeconds")]
@@ -94,9 +97,31 @@ impl Step {
         }
     }
 
-    /// Does this step take a node out of service (and so need disruption budget)?
+    /// Does this step take capacity away (and so count against the disruption budget)? Cordon,
+    /// Drain, a NoSchedule/NoExecute taint, and the Jobs that reboot, reset or repair (I1).
     pub fn disrupts(&self) -> bool {
-        matches!(self, Step::Cordon | Step::Drain { .. })
+        match self {
+            Step::Cordon | Step::Drain { .. } => true,
+            Step::Taint { effect, .. } => effect == "NoSchedule" || effect == "NoExecute",
+            Step::RunJob {
+                template,
+                disruptive,
+                ..
+            } => disruptive.unwrap_or_else(|| DISRUPTIVE_TEMPLATES.contains(&template.as_str())),
+            Step::WaitCondition { .. } | Step::Uncordon | Step::Escalate | Step::Notify => false,
+        }
+    }
+
+    /// The step's time bound, for the steps that span several passes.
+    pub fn timeout_seconds(&self) -> Option<u64> {
+        match self {
+            Step::Drain { timeout_seconds }
+            | Step::RunJob {
+                timeout_seconds, ..
+            }
+            | Step::WaitCondition { timeout_seconds } => Some(*timeout_seconds),
+            _ => None,
+        }
     }
 }
 
@@ -130,6 +155,18 @@ impl SopSpec {
     pub fn disrupts(&self) -> bool {
         self.steps.iter().any(Step::disrupts)
     }
+
+    /// A stable digest of the step list (FNV-1a over its JSON): a ticket pins the SOP it follows
+    /// by name and digest, so a changed catalog is noticed instead of remapping records (I6).
+    pub fn digest(&self) -> String {
+        let text = serde_json::to_string(&self.steps).unwrap_or_default();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in text.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,6 +192,13 @@ pub struct Catalog {
 
 /// Job templates shipped in `deploy/jobs/`.
 pub const JOB_TEMPLATES: &[&str] = &["reboot", "gpu-reset", "healthcheck", "diagnose", "repair"];
+
+/// At most this many steps per SOP: with every text field clipped, a ticket of that many
+/// records always fits its 4 KiB annotation (property-tested in `lifecycle/tests.rs`).
+pub const MAX_SOP_STEPS: usize = 16;
+
+/// Job templates that take capacity away (a RunJob may override with `disruptive:`).
+pub const DISRUPTIVE_TEMPLATES: &[&str] = &["reboot", "gpu-reset", "repair"];
 
 /// Maps NVIDIA's `immediate_action` to a catalog condition (see `data/xid-catalog.csv`).
 /// DESIGN.md's lists win where they are more specific (e.g. XID 48 is GpuXidFatal although its
@@ -214,6 +258,11 @@ impl Catalog {
         Self::from_yaml(DEFAULT_CATALOG, None, "embedded")
     }
 
+    /// Embedded default overridden by `text` (YAML); pure.
+    pub fn embedded_with(text: &str, origin: &str) -> Result<Self> {
+        Self::from_yaml(DEFAULT_CATALOG, Some(text), origin)
+    }
+
     /// Embedded default, overridden entry by entry by `path` when given.
     pub fn load(path: Option<&Path>) -> Result<Self> {
         match path {
@@ -260,6 +309,22 @@ impl Catalog {
         for (name, s) in &self.sops {
             if s.steps.is_empty() {
                 return Err(format!("SOP {name} has no steps"));
+            }
+            if s.steps.len() > MAX_SOP_STEPS {
+                return Err(format!(
+                    "SOP {name} has {} steps, more than {MAX_SOP_STEPS} (its ticket must fit 4 KiB)",
+                    s.steps.len()
+                ));
+            }
+            // I1: the budget counts unschedulable nodes, so the first step that takes capacity
+            // away must be the Cordon that makes the node count.
+            if let Some(first) = s.steps.iter().find(|st| st.disrupts())
+                && *first != Step::Cordon
+            {
+                return Err(format!(
+                    "SOP {name} disrupts before it cordons: its first disruptive step is {first}; \
+                     put a Cordon first so the node counts against the disruption budget"
+                ));
             }
             for step in &s.steps {
                 if let Step::RunJob { template, .. } = step
@@ -365,7 +430,8 @@ mod tests {
         let sop = |cond: &str| &c.sop(&c.condition(cond).unwrap().sop).unwrap().steps;
         assert!(sop("GpuFellOffBus").contains(&Step::RunJob {
             template: "reboot".into(),
-            timeout_seconds: 1200
+            timeout_seconds: 1200,
+            disruptive: None,
         }));
         assert!(
             sop("GpuXidFatal")
@@ -397,6 +463,43 @@ mod tests {
         assert!(Catalog::from_yaml(DEFAULT_CATALOG, Some(bad_job), "f").is_err());
         let unknown_key = "conditions:\n  X: {priority: 5, sop: notify, colour: red}\n";
         assert!(Catalog::from_yaml(DEFAULT_CATALOG, Some(unknown_key), "f").is_err());
+    }
+
+    #[test]
+    fn a_sop_that_disrupts_before_it_cordons_is_refused() {
+        // Issue 14 scenario 5: this SOP took 100 nodes out with a budget of 2.
+        let sneaky = "sops:\n  sneaky: {steps: [{action: Taint, key: ark.io/unhealthy, effect: NoExecute}, {action: RunJob, template: reboot}]}\n";
+        let e = Catalog::from_yaml(DEFAULT_CATALOG, Some(sneaky), "f.yaml").unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("sneaky") && e.contains("disrupts before it cordons"),
+            "{e}"
+        );
+        let job_first =
+            "sops:\n  j: {steps: [{action: RunJob, template: gpu-reset}, {action: Cordon}]}\n";
+        assert!(Catalog::from_yaml(DEFAULT_CATALOG, Some(job_first), "f").is_err());
+        // A diagnose Job first is fine (not disruptive), and so is a Job marked harmless.
+        let ok = "sops:\n  d: {steps: [{action: RunJob, template: diagnose}, {action: Cordon}, {action: Taint, effect: NoExecute}]}\n  r: {steps: [{action: RunJob, template: repair, disruptive: false}]}\n";
+        Catalog::from_yaml(DEFAULT_CATALOG, Some(ok), "f").unwrap();
+        let soft = "sops:\n  s: {steps: [{action: Taint, effect: PreferNoSchedule}]}\n";
+        Catalog::from_yaml(DEFAULT_CATALOG, Some(soft), "f").unwrap();
+    }
+
+    #[test]
+    fn what_disrupts_and_the_digest_pins_the_steps() {
+        let c = Catalog::embedded().unwrap();
+        let reboot = c.sop("reboot").unwrap();
+        assert!(reboot.disrupts());
+        assert!(!c.sop("diagnose-notify").unwrap().disrupts());
+        assert!(!c.sop("verify-and-uncordon").unwrap().disrupts());
+        assert_eq!(reboot.digest(), c.sop("reboot").unwrap().digest());
+        assert_ne!(reboot.digest(), c.sop("gpu-reset").unwrap().digest());
+        let taint = |effect: &str| Step::Taint {
+            key: UNHEALTHY_TAINT.into(),
+            effect: effect.into(),
+        };
+        assert!(taint("NoExecute").disrupts() && taint("NoSchedule").disrupts());
+        assert!(!taint("PreferNoSchedule").disrupts());
     }
 
     #[test]

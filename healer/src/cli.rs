@@ -1,33 +1,25 @@
 //! Command line: `serve`, `plan`, `tickets`. Flags say how the process runs; what it does comes
 //! from the configuration file and `ARK_*` (see [`crate::config`]).
 
-use std::collections::HashSet;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use jiff::Timestamp;
-use tokio::sync::{Notify, mpsc};
+use k8s_openapi::api::core::v1::Node;
 
-use crate::alerts::{AlertStore, Applied, parse_alert_file};
-use crate::audit::Audit;
+use crate::alerts::parse_alert_file;
 use crate::catalog::Catalog;
 use crate::config::Config;
-use crate::k8s::executor::Executor;
-use crate::k8s::leader::LeaderElector;
-use crate::k8s::{self, Kube};
+use crate::k8s;
 use crate::metrics::Metrics;
-use crate::planner::{self, ClusterView, Plan};
-use crate::steps::JobTemplates;
+use crate::planner::{self, ClusterView, Plan, PlanInput};
+use crate::serve::{ServeOptions, reachable};
 use crate::ticket::TicketStatus;
-use crate::webhook::{self, AppState};
 
-pub const TOKEN_ENV: &str = "ARK_HEALER_WEBHOOK_TOKEN";
+pub use crate::serve::TOKEN_ENV;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,12 +51,27 @@ pub enum Output {
 pub enum Command {
     /// Run the webhook and the remediation loop.
     Serve(ServeArgs),
-    /// Dry-run: print what would be done for an alert file (webhook payload or /api/v2/alerts dump).
+    /// "What would the healer do now?" Plans offline (never writes) for an alert file.
+    ///
+    /// ALERTS: an Alertmanager webhook payload or a `GET /api/v2/alerts` dump
+    /// (`amtool --output=json alert query` or `curl $AM/api/v2/alerts`).
+    /// The cluster comes from --nodes, a snapshot (`kubectl get nodes -o json > nodes.json`,
+    /// tickets in their annotations included), or from --kubeconfig (a live read); with
+    /// neither, an empty cluster (no budget, no tickets). The output lists per node the
+    /// condition, the SOP's steps, what blocks it (budget, cooldown, ...) and the deferred
+    /// conditions, then the ignored alerts and why.
+    #[command(verbatim_doc_comment)]
     Plan {
+        /// Alert file (webhook payload or /api/v2/alerts dump).
         #[arg(long)]
         alerts: PathBuf,
+        /// Cluster snapshot: the output of `kubectl get nodes -o json` (a List or one Node).
+        #[arg(long, conflicts_with = "kubeconfig")]
+        nodes: Option<PathBuf>,
+        /// Read the nodes from this cluster instead (read-only).
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
+        /// Healer configuration (budget, cooldown, catalog_file, ...), as for `serve`.
         #[arg(long)]
         config: Option<PathBuf>,
         #[arg(long, default_value = "table")]
@@ -83,6 +90,7 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
+    /// Webhook, /metrics, /healthz and /readyz.
     #[arg(long = "web.listen-address", default_value = ":9488")]
     pub listen: String,
     /// File with the webhook bearer token (else env ARK_HEALER_WEBHOOK_TOKEN).
@@ -114,13 +122,33 @@ pub fn init_tracing(format: LogFormat) {
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => {
+            crate::serve::serve(ServeOptions {
+                listen: parse_listen(&args.listen)?,
+                token_file: args.token_file,
+                dry_run: args.dry_run,
+                config: args.config,
+                kubeconfig: args.kubeconfig,
+                identity: args.identity,
+            })
+            .await
+        }
         Command::Plan {
             alerts,
+            nodes,
             kubeconfig,
             config,
             output,
-        } => plan_cmd(&alerts, kubeconfig.as_deref(), config.as_deref(), output).await,
+        } => {
+            plan_cmd(
+                &alerts,
+                nodes.as_deref(),
+                kubeconfig.as_deref(),
+                config.as_deref(),
+                output,
+            )
+            .await
+        }
         Command::Tickets {
             kubeconfig,
             all,
@@ -139,190 +167,36 @@ pub fn parse_listen(addr: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("invalid --web.listen-address {addr:?}"))
 }
 
-fn read_token(file: Option<&Path>) -> anyhow::Result<String> {
-    let token = match file {
-        Some(f) => std::fs::read_to_string(f)
-            .with_context(|| format!("reading webhook token file {}", f.display()))?,
-        None => std::env::var(TOKEN_ENV).unwrap_or_default(),
-    };
-    let token = token.trim().to_owned();
-    if token.is_empty() {
-        bail!("no webhook token: pass --webhook-token-file or set {TOKEN_ENV}");
-    }
-    Ok(token)
-}
-
-/// A client that answered `/version`, or `None`.
-async fn reachable(kubeconfig: Option<&Path>, cfg: &Config, metrics: &Metrics) -> Option<Kube> {
-    let client = match k8s::client(kubeconfig, &cfg.kube).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "No Kubernetes client");
-            return None;
-        }
-    };
-    let t = Duration::from_secs(cfg.kube.request_timeout_seconds);
-    match tokio::time::timeout(t, client.apiserver_version()).await {
-        Ok(Ok(_)) => Some(Kube::new(client, cfg.kube.clone(), metrics.clone())),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "Kubernetes API not reachable");
-            None
-        }
-        Err(_) => {
-            tracing::warn!("Kubernetes API did not answer in time");
-            None
-        }
-    }
-}
-
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut cfg = Config::load(args.config.as_deref())?;
-    cfg.dry_run |= args.dry_run;
-    let token = read_token(args.token_file.as_deref())?;
-    let addr = parse_listen(&args.listen)?;
-    let catalog = Catalog::load(cfg.catalog_file.as_deref())?;
-    let jobs = JobTemplates::load(cfg.jobs_dir.as_deref())?;
-    let audit = Audit::open(cfg.audit_log.as_deref())?;
-    let registry = prometheus::Registry::new();
-    let metrics = Metrics::register(&registry)?;
-
-    let kube = reachable(args.kubeconfig.as_deref(), &cfg, &metrics).await;
-    if kube.is_none() {
-        if !cfg.dry_run {
-            bail!(
-                "Kubernetes API not reachable (use --dry-run to serve and plan without a cluster)"
-            );
-        }
-        tracing::warn!("No reachable cluster: dry-run planning against an empty cluster view");
-    }
-
-    let ready = Arc::new(AtomicBool::new(false));
-    match (&kube, cfg.lease.enabled) {
-        (Some(k), true) => {
-            let identity = args.identity.clone().unwrap_or_else(default_identity);
-            tracing::info!(identity = %identity, lease = %cfg.lease.name, namespace = %cfg.lease.namespace, "Leader election on");
-            let elector = LeaderElector::new(k.clone(), cfg.lease.clone(), identity, ready.clone());
-            tokio::spawn(elector.run());
-        }
-        _ => {
-            ready.store(true, Ordering::SeqCst);
-            metrics.is_leader.set(1);
-        }
-    }
-
-    let (tx, mut rx) = mpsc::channel::<Vec<crate::alerts::Alert>>(cfg.queue_capacity);
-    let store = Arc::new(Mutex::new(AlertStore::new(cfg.max_alerts)));
-    let wake = Arc::new(Notify::new());
-    // Nodes that received alert changes since the last pass: a wake-up advances only these.
-    let dirty: Arc<Mutex<HashSet<String>>> = Arc::default();
-    {
-        let store = store.clone();
-        let wake = wake.clone();
-        let dirty = dirty.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            while let Some(batch) = rx.recv().await {
-                metrics.queue_depth.dec();
-                let mut changed = Vec::new();
-                {
-                    let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
-                    for a in batch {
-                        let node = a.node().map(str::to_owned);
-                        if s.apply(a) == Applied::Changed
-                            && let Some(n) = node
-                        {
-                            changed.push(n);
-                        }
-                    }
-                }
-                if !changed.is_empty() {
-                    dirty
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .extend(changed);
-                    wake.notify_one();
-                }
-            }
-        });
-    }
-
-    let interval = Duration::from_secs(cfg.reconcile_interval_seconds.max(1));
-    let executor = Arc::new(
-        Executor::new(
-            kube,
-            catalog,
-            cfg.clone(),
-            jobs,
-            audit,
-            metrics.clone(),
-            store,
+/// Reads `kubectl get nodes -o json` (a List, or a single Node object).
+pub fn read_nodes_snapshot(path: &Path) -> anyhow::Result<ClusterView> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_slice(&text).with_context(|| {
+        format!(
+            "{}: not JSON (expected `kubectl get nodes -o json`)",
+            path.display()
         )
-        .with_leadership(ready.clone()),
-    );
-    {
-        let ready = ready.clone();
-        let executor = executor.clone();
-        tokio::spawn(async move {
-            let mut next_full = Instant::now();
-            loop {
-                let wait = next_full.saturating_duration_since(Instant::now());
-                tokio::select! {
-                    () = wake.notified() => {}
-                    () = tokio::time::sleep(wait) => {}
-                }
-                if !ready.load(Ordering::SeqCst) {
-                    next_full = Instant::now() + interval;
-                    continue;
-                }
-                let only = std::mem::take(&mut *dirty.lock().unwrap_or_else(|p| p.into_inner()));
-                let result = if Instant::now() >= next_full {
-                    next_full = Instant::now() + interval;
-                    executor.reconcile(None).await
-                } else {
-                    executor.reconcile(Some(&only)).await
-                };
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "Reconcile pass failed");
-                }
-            }
-        });
-    }
-
-    let state = AppState::new(&token, tx, metrics, ready, webhook::DEFAULT_BODY_LIMIT);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    tracing::info!(address = %addr, dry_run = cfg.dry_run, "Serving webhook and metrics");
-    axum::serve(listener, webhook::router(state))
-        .with_graceful_shutdown(shutdown())
-        .await
-        .context("serving HTTP")
-}
-
-async fn shutdown() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+    })?;
+    let items = match value.get("items") {
+        Some(items) => items.clone(),
+        None if value.get("kind").and_then(|k| k.as_str()) == Some("Node") => {
+            serde_json::Value::Array(vec![value])
         }
+        None => anyhow::bail!(
+            "{}: neither a List with items nor a Node (expected `kubectl get nodes -o json`)",
+            path.display()
+        ),
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
+    let nodes: Vec<Node> = serde_json::from_value(items)
+        .with_context(|| format!("{}: items are not Node objects", path.display()))?;
+    if let Some(i) = nodes.iter().position(|n| n.metadata.name.is_none()) {
+        anyhow::bail!("{}: item {i} has no metadata.name", path.display());
     }
-}
-
-fn default_identity() -> String {
-    let base = std::env::var("POD_NAME")
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "ark-healer".into());
-    format!("{base}-{}", std::process::id())
+    Ok(k8s::view_of(&nodes))
 }
 
 async fn plan_cmd(
     alerts: &Path,
+    nodes: Option<&Path>,
     kubeconfig: Option<&Path>,
     config: Option<&Path>,
     output: Output,
@@ -330,23 +204,31 @@ async fn plan_cmd(
     let cfg = Config::load(config)?;
     let catalog = Catalog::load(cfg.catalog_file.as_deref())?;
     let body = std::fs::read(alerts).with_context(|| format!("reading {}", alerts.display()))?;
-    let alerts = parse_alert_file(&body)?;
-    let view = match kubeconfig {
-        Some(kc) => {
+    let alerts = parse_alert_file(&body).with_context(|| format!("{}", alerts.display()))?;
+    let view = match (nodes, kubeconfig) {
+        (Some(n), _) => read_nodes_snapshot(n)?,
+        (None, Some(kc)) => {
             let metrics = Metrics::register(&prometheus::Registry::new())?;
             let kube = reachable(Some(kc), &cfg, &metrics)
                 .await
                 .context("cluster given with --kubeconfig is not reachable")?;
             kube.cluster_view().await?
         }
-        None => {
+        (None, None) => {
             eprintln!(
-                "note: no --kubeconfig: planning against an empty cluster view (no nodes, no tickets)"
+                "note: no --nodes or --kubeconfig: planning against an empty cluster view (no nodes, no tickets)"
             );
             ClusterView::default()
         }
     };
-    let plan = planner::plan(&alerts, &catalog, &cfg, &view, Timestamp::now());
+    let plan = planner::plan(&PlanInput {
+        alerts: &alerts,
+        catalog: &catalog,
+        config: &cfg,
+        view: &view,
+        now: Timestamp::now(),
+        silence_means_resolved: true,
+    });
     let mut out = std::io::stdout().lock();
     match output {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&plan)?)?,

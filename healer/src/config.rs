@@ -23,8 +23,9 @@ pub struct Config {
     /// After a ticket closes, no new remediation of that node for this long.
     pub cooldown_seconds: u64,
     pub repeat_offender: RepeatOffender,
-    /// Namespace for Events about Nodes (cluster-scoped): `kube-system` on 1.20, `default` works
-    /// on newer servers.
+    /// Namespace for Events about Nodes. `default` (the default) is the one where an Event may
+    /// leave `involvedObject.namespace` empty, which is what `kubectl describe node` shows;
+    /// another namespace works but its Events only show in `kubectl get events -n NS`.
     pub events_namespace: String,
     /// Namespace the remediation Jobs run in.
     pub jobs_namespace: String,
@@ -43,6 +44,28 @@ pub struct Config {
     pub max_concurrent_nodes: usize,
     pub lease: Lease,
     pub kube: KubePolicy,
+    pub alertmanager: AlertmanagerSource,
+}
+
+/// Alertmanager as the source of truth for "is it still firing?" (I4). With `url` set, before
+/// the first disruptive step of a ticket the leader asks Alertmanager whether the alert is still
+/// active (not silenced, not inhibited); a replica's memory alone never starts a disruption.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertmanagerSource {
+    /// E.g. `http://alertmanager.monitoring:9093`. Unset: no re-confirmation (the webhook's
+    /// word is taken; a failover may then act on a replica's stale memory).
+    pub url: Option<String>,
+    pub timeout_seconds: u64,
+}
+
+impl Default for AlertmanagerSource {
+    fn default() -> Self {
+        AlertmanagerSource {
+            url: None,
+            timeout_seconds: 5,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +94,9 @@ pub struct Lease {
     pub name: String,
     pub namespace: String,
     pub duration_seconds: u64,
+    /// No write (nor retry) is sent with less than this left on our lease (clock skew between
+    /// replicas and the request in flight); must be below `duration_seconds`.
+    pub margin_seconds: u64,
 }
 
 /// The healer's own Kubernetes retry policy (kube's default retry is off).
@@ -93,7 +119,7 @@ impl Default for Config {
             budget: Budget::default(),
             cooldown_seconds: 3600,
             repeat_offender: RepeatOffender::default(),
-            events_namespace: "kube-system".into(),
+            events_namespace: "default".into(),
             jobs_namespace: "ark-system".into(),
             jobs_dir: None,
             audit_log: None,
@@ -103,6 +129,7 @@ impl Default for Config {
             max_concurrent_nodes: 16,
             lease: Lease::default(),
             kube: KubePolicy::default(),
+            alertmanager: AlertmanagerSource::default(),
         }
     }
 }
@@ -132,6 +159,7 @@ impl Default for Lease {
             name: "ark-healer".into(),
             namespace: "ark-system".into(),
             duration_seconds: 15,
+            margin_seconds: 2,
         }
     }
 }
@@ -196,6 +224,14 @@ impl Config {
             return Err(Error::Config {
                 message: "queue_capacity, max_concurrent_nodes and kube.max_attempts must be > 0"
                     .into(),
+            });
+        }
+        if cfg.lease.enabled && cfg.lease.margin_seconds >= cfg.lease.duration_seconds {
+            return Err(Error::Config {
+                message: format!(
+                    "lease.margin_seconds ({}) must be below lease.duration_seconds ({})",
+                    cfg.lease.margin_seconds, cfg.lease.duration_seconds
+                ),
             });
         }
         Ok(cfg)

@@ -45,6 +45,12 @@ pub enum Error {
         last: String,
     },
 
+    #[error("Kubernetes {op} not sent: this replica does not hold the Lease with margin")]
+    NotLeader { op: String },
+
+    #[error("Alertmanager: {message}")]
+    Alertmanager { message: String },
+
     #[error("job template {template}: {message}")]
     JobTemplate { template: String, message: String },
 

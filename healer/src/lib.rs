@@ -1,19 +1,25 @@
 //! Ark healer: Alertmanager webhook → conditions → per-node priority → SOPs on Kubernetes, with
 //! tickets in node annotations, safety guardrails, an audit log, metrics and a dry-run CLI.
 //!
-//! Pure core: [`alerts`], [`catalog`], [`ticket`], [`planner`], [`config`]. I/O: [`webhook`]
-//! (HTTP), [`kube`] (the only module that talks to the cluster), [`cli`].
+//! One straight flow: [`planner`] (pure: what to do per node) → [`lifecycle`] (pure: what each
+//! ticket becomes) → [`executor`] (I/O only: carries the plan out through [`k8s::Cluster`]).
+//! Pure core: [`alerts`], [`catalog`], [`ticket`], [`planner`], [`lifecycle`], [`config`].
+//! I/O: [`webhook`] (HTTP), [`k8s`] (the only module that talks to the cluster),
+//! [`alertmanager`], [`serve`] (the loops), [`cli`].
 
+pub mod alertmanager;
 pub mod alerts;
 pub mod audit;
 pub mod catalog;
 pub mod cli;
 pub mod config;
 mod error;
+pub mod executor;
 pub mod k8s;
+pub mod lifecycle;
 pub mod metrics;
 pub mod planner;
-pub mod steps;
+pub mod serve;
 pub mod ticket;
 pub mod webhook;
 

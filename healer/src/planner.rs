@@ -1,14 +1,15 @@
 //! `plan()`: pure and deterministic. From the open alerts, the catalog, the safety configuration
 //! and one consistent view of the cluster, decide per node which condition is worked on, with
 //! which SOP, and what (if anything) blocks it. The dry-run CLI prints exactly this; the executor
-//! acts only on it.
+//! acts only on it and reads nothing else: a [`NodePlan`] carries all it needs (the steps, whether
+//! the condition still fires, the GPU, the dry-run decision, whether Alertmanager must confirm).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use jiff::Timestamp;
 use serde::Serialize;
 
-use crate::alerts::Alert;
+use crate::alerts::{Alert, AlertStatus};
 use crate::catalog::{Catalog, PriorityClass, Step};
 use crate::config::Config;
 use crate::ticket::{Ticket, TicketStatus};
@@ -32,10 +33,38 @@ pub struct ClusterView {
     pub live: bool,
 }
 
+impl NodeView {
+    /// Does this node count against the disruption budget (I1)? Unschedulable for any reason
+    /// (manual cordons too), or carrying an open ticket that already took capacity away (a taint,
+    /// a drain or a reboot that a human's uncordon did not undo).
+    pub fn disrupted(&self) -> bool {
+        self.unschedulable
+            || matches!(&self.ticket, Some(Ok(t)) if t.status.is_open() && t.disrupted)
+    }
+}
+
 impl ClusterView {
     pub fn unschedulable(&self) -> usize {
         self.nodes.values().filter(|n| n.unschedulable).count()
     }
+
+    /// Nodes counting against the disruption budget.
+    pub fn disrupted(&self) -> usize {
+        self.nodes.values().filter(|n| n.disrupted()).count()
+    }
+}
+
+/// Everything [`plan`] looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput<'a> {
+    pub alerts: &'a [Alert],
+    pub catalog: &'a Catalog,
+    pub config: &'a Config,
+    pub view: &'a ClusterView,
+    pub now: Timestamp,
+    /// A condition with no alert heard of counts as resolved. False right after a start:
+    /// Alertmanager re-sends firing alerts on `repeat_interval`, so silence proves nothing yet.
+    pub silence_means_resolved: bool,
 }
 
 /// Why a node's SOP does not run now. The label value of `ark_healer_actions_blocked_total`.
@@ -50,6 +79,10 @@ pub enum BlockReason {
     InvalidTicket,
     Escalated,
     DryRun,
+    /// Alertmanager did not confirm the alert before the first disruptive step (I4).
+    Unconfirmed,
+    /// This alert occurrence was already remediated by a finished ticket.
+    Handled,
 }
 
 impl BlockReason {
@@ -63,6 +96,8 @@ impl BlockReason {
             BlockReason::InvalidTicket => "invalid_ticket",
             BlockReason::Escalated => "escalated",
             BlockReason::DryRun => "dry_run",
+            BlockReason::Unconfirmed => "unconfirmed",
+            BlockReason::Handled => "handled",
         }
     }
 }
@@ -99,15 +134,43 @@ pub struct NodePlan {
     pub reason: String,
     #[serde(skip)]
     pub fingerprint: Option<String>,
+    /// Fingerprints of the firing alerts behind this condition on this node.
+    #[serde(skip)]
+    pub fingerprints: Vec<String>,
+    /// `startsAt` of the alert occurrence this plan remediates.
+    #[serde(skip)]
+    pub alert_started_at: Option<Timestamp>,
     /// An open ticket for this condition exists: continue it rather than start a new one.
     #[serde(skip)]
     pub continues_ticket: bool,
+    /// [`crate::catalog::SopSpec::digest`] of `step_list`: what a new ticket pins (I6).
+    #[serde(skip)]
+    pub sop_digest: String,
+    /// The SOP takes capacity away (it needs budget).
+    #[serde(skip)]
+    pub disruptive: bool,
+    /// Plan and record only: global dry-run, the SOP's `dryRun`, or no cluster.
+    #[serde(skip)]
+    pub dry_run: bool,
+    /// Is the condition still firing (WaitCondition, Uncordon)?
+    #[serde(skip)]
+    pub condition_firing: bool,
+    /// The `gpu` label of a firing alert of the condition, else `all` (Job templates).
+    #[serde(skip)]
+    pub gpu: String,
+    /// Alertmanager must confirm the alert before this pass may act (I4): the SOP disrupts and
+    /// this node's ticket has not disrupted yet.
+    #[serde(skip)]
+    pub needs_confirmation: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Plan {
     pub nodes: Vec<NodePlan>,
     pub ignored: Vec<Ignored>,
+    /// Global dry-run (configuration or no cluster): nothing at all is written.
+    #[serde(skip)]
+    pub dry_run: bool,
 }
 
 struct Candidate {
@@ -115,24 +178,28 @@ struct Candidate {
     priority: u32,
     reason: String,
     fingerprint: Option<String>,
+    /// `startsAt` of the alert occurrence (none for an open ticket's own candidate).
+    starts_at: Option<Timestamp>,
 }
 
 /// Plans every node. Deterministic: the same inputs give the same plan (nodes sorted by
 /// priority then name; ignored sorted).
-pub fn plan(
-    alerts: &[Alert],
-    catalog: &Catalog,
-    config: &Config,
-    view: &ClusterView,
-    now: Timestamp,
-) -> Plan {
+pub fn plan(input: &PlanInput<'_>) -> Plan {
+    let PlanInput {
+        alerts,
+        catalog,
+        config,
+        view,
+        now,
+        silence_means_resolved,
+    } = *input;
     let mut out = Plan::default();
     let mut per_node: BTreeMap<&str, BTreeMap<String, Candidate>> = BTreeMap::new();
     let mut ignored: BTreeSet<(String, String, String)> = BTreeSet::new();
 
     let mut firing: Vec<&Alert> = alerts
         .iter()
-        .filter(|a| a.status == crate::alerts::AlertStatus::Firing)
+        .filter(|a| a.status == AlertStatus::Firing)
         .collect();
     // Earliest occurrence first, so the ticket reason names the first alert (deterministic).
     firing.sort_by(|a, b| (a.starts_at, &a.fingerprint).cmp(&(b.starts_at, &b.fingerprint)));
@@ -199,6 +266,7 @@ pub fn plan(
                 priority: spec.priority,
                 reason: a.reason(),
                 fingerprint: Some(a.fingerprint.clone()),
+                starts_at: Some(a.starts_at),
             });
     }
 
@@ -221,6 +289,7 @@ pub fn plan(
                     priority: spec.priority,
                     reason: t.reason.clone(),
                     fingerprint: t.fingerprint.clone(),
+                    starts_at: t.alert_started_at,
                 });
         }
     }
@@ -255,15 +324,40 @@ pub fn plan(
         if block.is_none() {
             block = match ticket {
                 Some(Err(e)) => Some((BlockReason::InvalidTicket, format!("invalid ticket: {e}"))),
-                Some(Ok(t)) if t.status == TicketStatus::Escalated => Some((
-                    BlockReason::Escalated,
-                    format!(
-                        "ticket for {} escalated to humans: no automatic action until it is closed",
-                        t.condition
-                    ),
-                )),
+                // An escalated ticket holds the node for humans against conditions at most as
+                // urgent as its own; a more urgent fault still gets its SOP (I3).
+                Some(Ok(t))
+                    if t.status == TicketStatus::Escalated
+                        && chosen.priority >= ticket_priority(t, catalog) =>
+                {
+                    Some((
+                        BlockReason::Escalated,
+                        format!(
+                            "ticket for {} escalated to humans: no automatic action until it is closed",
+                            t.condition
+                        ),
+                    ))
+                }
+                // The same alert twice is one action: an occurrence a finished ticket already
+                // handled (a diagnosis whose alert still fires) is not remediated again; a new
+                // occurrence is (then cooldown applies if the last one disrupted).
+                Some(Ok(t))
+                    if !t.status.is_open()
+                        && t.condition == chosen.condition
+                        && t.alert_started_at
+                            .zip(chosen.starts_at)
+                            .is_some_and(|(done, now)| now <= done) =>
+                {
+                    Some((
+                        BlockReason::Handled,
+                        format!(
+                            "this occurrence of {} was already remediated (ticket {:?}); a new occurrence will be",
+                            t.condition, t.status
+                        ),
+                    ))
+                }
                 Some(Ok(t)) if !continues_ticket && !t.status.is_open() => {
-                    new_ticket_block(t, config, now)
+                    new_ticket_block(t, chosen.priority, catalog, config, now)
                 }
                 _ => None,
             };
@@ -276,6 +370,32 @@ pub fn plan(
                 priority: c.priority,
             })
             .collect();
+        let is_chosen = |a: &Alert| {
+            a.node() == Some(node)
+                && catalog.resolve(a.condition(), a.labels.get("xid").map(String::as_str))
+                    == Some(chosen.condition.as_str())
+        };
+        let mut state = None;
+        let mut gpu = None;
+        let mut fingerprints = Vec::new();
+        for a in alerts.iter().filter(|a| is_chosen(a)) {
+            match a.status {
+                AlertStatus::Firing => {
+                    state = Some(true);
+                    fingerprints.push(a.fingerprint.clone());
+                    if gpu.is_none() {
+                        gpu = a.labels.get("gpu").filter(|g| !g.is_empty()).cloned();
+                    }
+                }
+                AlertStatus::Resolved => {
+                    state.get_or_insert(false);
+                }
+            }
+        }
+        fingerprints.sort();
+        let condition_firing = state.unwrap_or(!silence_means_resolved);
+        let ticket_disrupted = matches!(ticket, Some(Ok(t)) if continues_ticket && t.disrupted);
+        let dry_run = config.dry_run || sop.dry_run || !view.live;
         out.nodes.push(NodePlan {
             node: node.to_owned(),
             condition: chosen.condition.clone(),
@@ -288,7 +408,15 @@ pub fn plan(
             block_reason: block.map(|b| b.0),
             reason: chosen.reason,
             fingerprint: chosen.fingerprint,
+            fingerprints,
+            alert_started_at: chosen.starts_at,
             continues_ticket,
+            sop_digest: sop.digest(),
+            disruptive: sop.disrupts(),
+            dry_run,
+            condition_firing,
+            gpu: gpu.unwrap_or_else(|| "all".into()),
+            needs_confirmation: sop.disrupts() && !ticket_disrupted,
         });
     }
 
@@ -296,33 +424,38 @@ pub fn plan(
     out.nodes
         .sort_by(|a, b| (a.priority, &a.node).cmp(&(b.priority, &b.node)));
 
-    // Disruption budget over one consistent view: every unschedulable node counts (manual
-    // cordons too); a node that is already unschedulable needs no new budget.
+    // Disruption budget over one consistent view (I1): every node that is unschedulable (manual
+    // cordons too) or already disrupted by an open ticket counts; such a node needs no new
+    // budget. Every SOP that takes capacity away needs it, and cordons first (catalog rule), so
+    // an admitted node counts from its first disruptive step on.
     let total = if view.live {
         view.nodes.len()
     } else {
         out.nodes.len()
     };
     let limit = config.budget.limit(total);
-    let mut unschedulable = view.unschedulable();
+    let mut disrupted = view.disrupted();
     for p in &mut out.nodes {
         if p.block_reason.is_some() {
             continue;
         }
-        let already_out = view.nodes.get(&p.node).is_some_and(|n| n.unschedulable);
-        let sop_disrupts = p.step_list.iter().any(Step::disrupts);
-        if !sop_disrupts || already_out {
+        let already_out = view.nodes.get(&p.node).is_some_and(NodeView::disrupted);
+        if !p.disruptive || already_out {
             continue;
         }
-        if unschedulable < limit {
-            unschedulable += 1;
+        if disrupted < limit {
+            disrupted += 1;
         } else {
             p.block_reason = Some(BlockReason::DisruptionBudget);
             p.blocked = Some(format!(
-                "disruption budget: {unschedulable} of {total} nodes unschedulable, limit {limit}"
+                "disruption budget: {disrupted} of {total} nodes unschedulable or disrupted, limit {limit}"
             ));
         }
     }
+    for p in &mut out.nodes {
+        p.needs_confirmation &= p.block_reason.is_none() && !p.dry_run;
+    }
+    out.dry_run = config.dry_run || !view.live;
 
     out.ignored = ignored
         .into_iter()
@@ -347,27 +480,37 @@ pub fn stale_tickets<'a>(plan: &Plan, view: &'a ClusterView) -> Vec<&'a NodeView
         .collect()
 }
 
-/// Cooldown and repeat-offender checks before a new remediation of a node.
+/// The priority a ticket was opened with (older tickets: its condition's, else most urgent).
+fn ticket_priority(t: &Ticket, catalog: &Catalog) -> u32 {
+    t.priority
+        .or_else(|| catalog.condition(&t.condition).map(|c| c.priority))
+        .unwrap_or(0)
+}
+
+/// Cooldown and repeat-offender checks before a new remediation of a node with a condition of
+/// `priority` (I3): only disruptive remediations count, and only those started by a condition
+/// at most as urgent — a harmless diagnosis never delays a reboot, and a GPU reset never delays
+/// the reboot of a GPU that fell off the bus.
 fn new_ticket_block(
     previous: &Ticket,
+    priority: u32,
+    catalog: &Catalog,
     config: &Config,
     now: Timestamp,
 ) -> Option<(BlockReason, String)> {
     let ro = &config.repeat_offender;
-    if ro.max_remediations > 0
-        && previous.remediations_since(now, ro.window_seconds) >= ro.max_remediations as usize
-    {
+    let recent = previous.remediations_since(now, ro.window_seconds, priority);
+    if ro.max_remediations > 0 && recent >= ro.max_remediations as usize {
         return Some((
             BlockReason::RepeatOffender,
             format!(
-                "repeat offender: {} remediations within {} s: escalated, no more automatic action",
-                previous.remediations_since(now, ro.window_seconds),
+                "repeat offender: {recent} disruptive remediations within {} s: escalated, no more automatic action",
                 ro.window_seconds
             ),
         ));
     }
-    if previous.workflows.is_empty() {
-        return None; // it never acted (waited for budget, then resolved): nothing to cool down
+    if !previous.disrupted || priority < ticket_priority(previous, catalog) {
+        return None; // nothing disruptive to cool down from, or a more urgent fault
     }
     let closed = previous.closed_at.unwrap_or(previous.created_at);
     let until = closed
@@ -386,338 +529,4 @@ fn new_ticket_block(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::alerts::AlertStatus;
-    use crate::ticket::{StepStatus, Workflow};
-
-    fn now() -> Timestamp {
-        "2026-11-22T12:00:00Z".parse().unwrap()
-    }
-
-    fn alert(node: &str, condition: &str) -> Alert {
-        let mut labels = BTreeMap::new();
-        labels.insert("node".to_owned(), node.to_owned());
-        labels.insert("condition".to_owned(), condition.to_owned());
-        Alert {
-            fingerprint: format!("{node}/{condition}"),
-            status: AlertStatus::Firing,
-            labels,
-            annotations: BTreeMap::new(),
-            starts_at: "2026-11-22T11:00:00Z".parse().unwrap(),
-            ends_at: None,
-        }
-    }
-
-    fn node(name: &str) -> NodeView {
-        NodeView {
-            name: name.into(),
-            unschedulable: false,
-            control_plane: false,
-            disabled: false,
-            ticket: None,
-        }
-    }
-
-    fn view(nodes: Vec<NodeView>) -> ClusterView {
-        ClusterView {
-            nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
-            live: true,
-        }
-    }
-
-    fn cfg(max: u32) -> Config {
-        let mut c = Config::default();
-        c.budget.max_unschedulable = max;
-        c.budget.max_unschedulable_percent = 0.0;
-        c
-    }
-
-    #[test]
-    fn most_urgent_condition_per_node_with_deferred() {
-        let cat = Catalog::embedded().unwrap();
-        let alerts = vec![
-            alert("n1", "DiskIoSlow"),
-            alert("n1", "GpuFellOffBus"),
-            alert("n1", "NodeNotReady"),
-            alert("n1", "GpuXidApplication"),
-            alert("n1", "GpuThermalThrottle"),
-            alert("n1", "NodeNotReady"),
-        ];
-        let p = plan(&alerts, &cat, &cfg(5), &view(vec![node("n1")]), now());
-        assert_eq!(p.nodes.len(), 1);
-        let n = &p.nodes[0];
-        assert_eq!((n.condition.as_str(), n.priority), ("NodeNotReady", 0));
-        assert_eq!(n.sop, "node-not-ready");
-        assert_eq!(
-            n.deferred,
-            vec![
-                Deferred {
-                    condition: "GpuFellOffBus".into(),
-                    priority: 2
-                },
-                Deferred {
-                    condition: "DiskIoSlow".into(),
-                    priority: 30
-                },
-            ]
-        );
-        assert!(n.blocked.is_none());
-        let reasons: Vec<_> = p.ignored.iter().map(|i| i.condition.as_str()).collect();
-        assert_eq!(reasons, vec!["GpuThermalThrottle", "GpuXidApplication"]);
-    }
-
-    #[test]
-    fn can_ignore_acted_on_only_when_configured() {
-        let cat = Catalog::embedded().unwrap();
-        let alerts = vec![alert("n1", "GpuHighTemperature")];
-        let mut c = cfg(5);
-        let p = plan(&alerts, &cat, &c, &view(vec![node("n1")]), now());
-        assert!(p.nodes.is_empty());
-        assert!(p.ignored[0].reason.contains("CanIgnore"));
-        c.act_on_can_ignore = true;
-        let p = plan(&alerts, &cat, &c, &view(vec![node("n1")]), now());
-        assert_eq!(p.nodes[0].condition, "GpuHighTemperature");
-    }
-
-    #[test]
-    fn bad_alerts_are_ignored_with_a_reason() {
-        let cat = Catalog::embedded().unwrap();
-        let mut no_node = alert("", "GpuHung");
-        no_node.labels.remove("node");
-        let alerts = vec![alert("n1", "Bogus"), alert("ghost", "GpuHung"), no_node];
-        let p = plan(&alerts, &cat, &cfg(5), &view(vec![node("n1")]), now());
-        assert!(p.nodes.is_empty());
-        let reasons: Vec<_> = p
-            .ignored
-            .iter()
-            .map(|i| (i.node.as_str(), i.reason.as_str()))
-            .collect();
-        assert!(reasons.contains(&("", "alert has no node label")));
-        assert!(reasons.contains(&("ghost", "node not found in the cluster")));
-        assert!(reasons.contains(&("n1", "unknown condition (not in the catalog)")));
-        // Without a cluster, unknown nodes are planned (empty view).
-        let p = plan(
-            &[alert("ghost", "GpuHung")],
-            &cat,
-            &cfg(5),
-            &ClusterView::default(),
-            now(),
-        );
-        assert_eq!(p.nodes[0].node, "ghost");
-    }
-
-    #[test]
-    fn budget_counts_manual_cordons_and_prefers_urgent() {
-        let cat = Catalog::embedded().unwrap();
-        let mut manual = node("m1");
-        manual.unschedulable = true;
-        let v = view(vec![node("a"), node("b"), node("c"), manual]);
-        let alerts = vec![
-            alert("c", "NodeNotReady"),
-            alert("a", "DiskIoSlow"), // does not disrupt: no budget needed
-            alert("b", "GpuHung"),
-            alert("a", "IbLinkFlapping"),
-        ];
-        let p = plan(&alerts, &cat, &cfg(2), &v, now());
-        let by: BTreeMap<_, _> = p.nodes.iter().map(|n| (n.node.as_str(), n)).collect();
-        assert!(by["c"].blocked.is_none(), "NotReady gets the budget first");
-        assert_eq!(by["b"].block_reason, Some(BlockReason::DisruptionBudget));
-        assert_eq!(by["a"].block_reason, Some(BlockReason::DisruptionBudget));
-        assert!(by["b"].blocked.as_ref().unwrap().contains("2 of 4"));
-        assert_eq!(p.nodes[0].node, "c");
-    }
-
-    #[test]
-    fn percent_budget() {
-        let cat = Catalog::embedded().unwrap();
-        let nodes: Vec<_> = (0..100).map(|i| node(&format!("n{i:03}"))).collect();
-        let alerts: Vec<_> = (0..100)
-            .map(|i| alert(&format!("n{i:03}"), "GpuHung"))
-            .collect();
-        let mut c = cfg(0);
-        c.budget.max_unschedulable_percent = 5.0;
-        let p = plan(&alerts, &cat, &c, &view(nodes), now());
-        assert_eq!(p.nodes.iter().filter(|n| n.blocked.is_none()).count(), 5);
-    }
-
-    #[test]
-    fn control_plane_disabled_escalated_and_invalid_tickets_block() {
-        let cat = Catalog::embedded().unwrap();
-        let mut cp = node("cp");
-        cp.control_plane = true;
-        let mut off = node("off");
-        off.disabled = true;
-        let mut esc = node("esc");
-        let mut t = Ticket::new("GpuHung", "", "gpu-reset", None, now(), None);
-        t.status = TicketStatus::Escalated;
-        esc.ticket = Some(Ok(t));
-        let mut bad = node("bad");
-        bad.ticket = Some(Err("line 2: unknown status".into()));
-        let alerts: Vec<_> = ["cp", "off", "esc", "bad"]
-            .iter()
-            .map(|n| alert(n, "GpuHung"))
-            .collect();
-        let p = plan(
-            &alerts,
-            &cat,
-            &cfg(10),
-            &view(vec![cp, off, esc, bad]),
-            now(),
-        );
-        let by: BTreeMap<_, _> = p
-            .nodes
-            .iter()
-            .map(|n| (n.node.as_str(), n.block_reason))
-            .collect();
-        assert_eq!(by["cp"], Some(BlockReason::ControlPlane));
-        assert_eq!(by["off"], Some(BlockReason::Disabled));
-        assert_eq!(by["esc"], Some(BlockReason::Escalated));
-        assert_eq!(by["bad"], Some(BlockReason::InvalidTicket));
-    }
-
-    #[test]
-    fn cooldown_and_repeat_offender() {
-        let cat = Catalog::embedded().unwrap();
-        let mut closed = Ticket::new(
-            "GpuHung",
-            "",
-            "gpu-reset",
-            None,
-            "2026-11-22T11:30:00Z".parse().unwrap(),
-            None,
-        );
-        closed.status = TicketStatus::Closed;
-        closed.record(
-            0,
-            Workflow {
-                action: "Cordon".into(),
-                status: StepStatus::Succeeded,
-                at: now(),
-                step: None,
-                job: None,
-                message: None,
-                retries: None,
-            },
-        );
-        closed.closed_at = Some("2026-11-22T11:50:00Z".parse().unwrap());
-        let mut n = node("n1");
-        n.ticket = Some(Ok(closed.clone()));
-        let p = plan(
-            &[alert("n1", "GpuHung")],
-            &cat,
-            &cfg(5),
-            &view(vec![n.clone()]),
-            now(),
-        );
-        assert_eq!(p.nodes[0].block_reason, Some(BlockReason::Cooldown));
-        let mut c = cfg(5);
-        c.cooldown_seconds = 60;
-        let p = plan(
-            &[alert("n1", "GpuHung")],
-            &cat,
-            &c,
-            &view(vec![n.clone()]),
-            now(),
-        );
-        assert_eq!(p.nodes[0].block_reason, None);
-        closed.history = vec![now(); 3];
-        n.ticket = Some(Ok(closed));
-        let p = plan(&[alert("n1", "GpuHung")], &cat, &c, &view(vec![n]), now());
-        assert_eq!(p.nodes[0].block_reason, Some(BlockReason::RepeatOffender));
-    }
-
-    #[test]
-    fn open_ticket_is_continued_after_the_alert_resolved() {
-        let cat = Catalog::embedded().unwrap();
-        let mut t = Ticket::new("GpuHung", "", "gpu-reset", None, now(), None);
-        t.status = TicketStatus::Resolving;
-        t.record(
-            0,
-            Workflow {
-                action: "Cordon".into(),
-                status: StepStatus::Succeeded,
-                at: now(),
-                step: None,
-                job: None,
-                message: None,
-                retries: None,
-            },
-        );
-        let mut n = node("n1");
-        n.unschedulable = true;
-        n.ticket = Some(Ok(t));
-        let p = plan(&[], &cat, &cfg(1), &view(vec![n]), now());
-        assert_eq!(p.nodes.len(), 1);
-        assert!(p.nodes[0].continues_ticket);
-        assert!(
-            p.nodes[0].blocked.is_none(),
-            "already cordoned: no new budget needed"
-        );
-    }
-
-    #[test]
-    fn a_ticket_that_never_acted_closes_when_its_alert_resolves() {
-        let cat = Catalog::embedded().unwrap();
-        let mut waiting = node("w");
-        waiting.ticket = Some(Ok(Ticket::new(
-            "GpuHung",
-            "",
-            "gpu-reset",
-            None,
-            now(),
-            None,
-        )));
-        let v = view(vec![waiting]);
-        let p = plan(&[], &cat, &cfg(1), &v, now());
-        assert!(
-            p.nodes.is_empty(),
-            "a resolved, never-started ticket must not start now"
-        );
-        assert_eq!(stale_tickets(&p, &v).len(), 1);
-        let p = plan(&[alert("w", "GpuHung")], &cat, &cfg(1), &v, now());
-        assert!(p.nodes[0].continues_ticket);
-        assert!(stale_tickets(&p, &v).is_empty());
-    }
-
-    #[test]
-    fn storm_of_10k_alerts_plans_deterministically() {
-        let cat = Catalog::embedded().unwrap();
-        let conds = [
-            "GpuHung",
-            "GpuFellOffBus",
-            "DiskIoSlow",
-            "IbPortDown",
-            "Bogus",
-            "GpuXidApplication",
-            "NodeNotReady",
-            "GpuNvlinkDown",
-            "WorkloadStalled",
-            "PcieLinkDegraded",
-        ];
-        let nodes: Vec<_> = (0..1000).map(|i| node(&format!("n{i:04}"))).collect();
-        let alerts: Vec<_> = (0..10_000)
-            .map(|i| {
-                alert(
-                    &format!("n{:04}", i % 1000),
-                    conds[(i / 1000) % conds.len()],
-                )
-            })
-            .collect();
-        let c = cfg(20);
-        let v = view(nodes);
-        let p1 = plan(&alerts, &cat, &c, &v, now());
-        let mut rev = alerts.clone();
-        rev.reverse();
-        let p2 = plan(&rev, &cat, &c, &v, now());
-        assert_eq!(p1, p2);
-        assert_eq!(p1.nodes.len(), 1000);
-        let admitted = p1
-            .nodes
-            .iter()
-            .filter(|n| n.blocked.is_none() && n.step_list.iter().any(Step::disrupts))
-            .count();
-        assert_eq!(admitted, 20);
-        assert!(p1.nodes.iter().all(|n| n.condition == "NodeNotReady"));
-    }
-}
+mod tests;

@@ -13,6 +13,12 @@ pub const TICKET_MAX_BYTES: usize = 4096;
 /// How many past remediation start times a ticket keeps (for repeat-offender escalation).
 const HISTORY_MAX: usize = 20;
 const TEXT_MAX: usize = 256;
+/// Names (condition, SOP, action) are catalog names; anything longer was not written by us.
+const NAME_MAX: usize = 128;
+/// A fingerprint longer than this is stored as its 16-hex FNV-1a hash (Alertmanager's are 16).
+pub const FINGERPRINT_MAX: usize = 64;
+/// The ticket layout this release writes. 1 (absent): written before tickets pinned their SOP.
+pub const SCHEMA: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -40,6 +46,14 @@ pub enum StepStatus {
     Blocked,
 }
 
+/// One disruptive remediation of the node, carried from ticket to ticket: cooldown and
+/// repeat-offender count these, and only against conditions at most as urgent (I3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remediation {
+    pub at: Timestamp,
+    pub priority: u32,
+}
+
 /// One executed (or executing) SOP step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -61,6 +75,9 @@ pub struct Workflow {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Ticket {
+    /// [`SCHEMA`] when written by this release; absent in older tickets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<u32>,
     pub condition: String,
     #[serde(default)]
     pub reason: String,
@@ -72,16 +89,34 @@ pub struct Ticket {
     pub workflows: Vec<Workflow>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sop: Option<String>,
+    /// [`crate::catalog::SopSpec::digest`] of the steps this ticket follows (I6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sop_digest: Option<String>,
+    /// Priority of the condition when the ticket was opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// `startsAt` of the alert occurrence this ticket remediates: a finished ticket is not
+    /// followed by another for the same occurrence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert_started_at: Option<Timestamp>,
     /// Why the last action was blocked (budget, cooldown, ...), while it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocked: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closed_at: Option<Timestamp>,
-    /// Start times of past remediations of this node (carried from ticket to ticket).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Schema 1 only: start times of past remediations, disruptive or not. Read, never written:
+    /// it cannot say which were disruptive, so it no longer counts (see `remediations`).
+    #[serde(default, skip_serializing)]
     pub history: Vec<Timestamp>,
+    /// Past disruptive remediations of this node, this one included once it disrupted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remediations: Vec<Remediation>,
+    /// This ticket ran a disruptive step (so it counts against the budget while open, and
+    /// towards cooldown after it closed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disrupted: bool,
     /// The healer cordoned this node (so it may uncordon it); a manual cordon is never undone.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cordoned_by_healer: bool,
@@ -92,13 +127,32 @@ fn one() -> u32 {
 }
 
 fn clip(s: &mut String) {
-    if s.len() > TEXT_MAX {
-        let mut cut = TEXT_MAX;
+    clip_to(s, TEXT_MAX);
+}
+
+/// Cuts `s` to at most `max` bytes at a char boundary.
+pub fn clip_to(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
         while !s.is_char_boundary(cut) {
             cut -= 1;
         }
         s.truncate(cut);
     }
+}
+
+/// A fingerprint that fits the ticket: as is up to [`FINGERPRINT_MAX`] bytes, else its FNV-1a
+/// hash (distinct long fingerprints stay distinct).
+pub fn short_fingerprint(fp: &str) -> String {
+    if fp.len() <= FINGERPRINT_MAX {
+        return fp.to_owned();
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in fp.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
 impl Ticket {
@@ -111,23 +165,35 @@ impl Ticket {
         now: Timestamp,
         previous: Option<&Ticket>,
     ) -> Self {
-        let mut history = previous.map(|p| p.history.clone()).unwrap_or_default();
-        history.push(now);
+        let remediations = previous.map(|p| p.remediations.clone()).unwrap_or_default();
         let attempts = previous
             .filter(|p| p.condition == condition)
             .map_or(1, |p| p.attempts.saturating_add(1));
+        // The ticket id (Job names) is createdAt in seconds: never the previous ticket's.
+        let created_at = match previous {
+            Some(p) if now.as_second() <= p.created_at.as_second() => {
+                Timestamp::from_second(p.created_at.as_second().saturating_add(1)).unwrap_or(now)
+            }
+            _ => now,
+        };
         let mut t = Ticket {
+            schema: Some(SCHEMA),
             condition: condition.to_owned(),
             reason: reason.to_owned(),
             status: TicketStatus::Created,
-            created_at: now,
+            created_at,
             attempts,
             workflows: Vec::new(),
             sop: Some(sop.to_owned()),
-            fingerprint: fingerprint.map(str::to_owned),
+            sop_digest: None,
+            priority: None,
+            fingerprint: fingerprint.map(short_fingerprint),
+            alert_started_at: None,
             blocked: None,
             closed_at: None,
-            history,
+            history: Vec::new(),
+            remediations,
+            disrupted: false,
             cordoned_by_healer: false,
         };
         t.compact();
@@ -179,23 +245,41 @@ impl Ticket {
         }
     }
 
-    /// Remediations started within `window_seconds` before `now`.
-    pub fn remediations_since(&self, now: Timestamp, window_seconds: u64) -> usize {
+    /// Disruptive remediations started within `window_seconds` before `now` by a condition at
+    /// most as urgent as `priority` (a larger or equal priority number).
+    pub fn remediations_since(&self, now: Timestamp, window_seconds: u64, priority: u32) -> usize {
         let from = now.as_second().saturating_sub(window_seconds as i64);
-        self.history
+        self.remediations
             .iter()
-            .filter(|t| t.as_second() >= from)
+            .filter(|r| r.at.as_second() >= from && r.priority <= priority)
             .count()
     }
 
+    /// Clips every free-text field, so that any ticket fits [`TICKET_MAX_BYTES`] (I5).
     fn compact(&mut self) {
         clip(&mut self.reason);
+        clip_to(&mut self.condition, NAME_MAX);
         if let Some(b) = self.blocked.as_mut() {
             clip(b);
         }
-        if self.history.len() > HISTORY_MAX {
-            let drop = self.history.len() - HISTORY_MAX;
-            self.history.drain(..drop);
+        for s in [&mut self.sop, &mut self.sop_digest].into_iter().flatten() {
+            clip_to(s, NAME_MAX);
+        }
+        if let Some(f) = self.fingerprint.as_mut() {
+            *f = short_fingerprint(f);
+        }
+        for w in &mut self.workflows {
+            clip_to(&mut w.action, NAME_MAX);
+            if let Some(m) = w.message.as_mut() {
+                clip(m);
+            }
+            if let Some(j) = w.job.as_mut() {
+                clip_to(j, NAME_MAX);
+            }
+        }
+        if self.remediations.len() > HISTORY_MAX {
+            let drop = self.remediations.len() - HISTORY_MAX;
+            self.remediations.drain(..drop);
         }
     }
 
@@ -207,9 +291,9 @@ impl Ticket {
             node: node.to_owned(),
             message: e.to_string(),
         })?;
-        // Shed the least useful data first: old history, then step messages.
-        while text.len() > TICKET_MAX_BYTES && t.history.len() > 1 {
-            t.history.remove(0);
+        // Shed the least useful data first: old remediations, then step messages.
+        while text.len() > TICKET_MAX_BYTES && t.remediations.len() > 1 {
+            t.remediations.remove(0);
             text = serde_yaml::to_string(&t).unwrap_or_default();
         }
         if text.len() > TICKET_MAX_BYTES {
@@ -322,7 +406,13 @@ workflows:
     fn stays_under_4k() {
         let now: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
         let mut t = Ticket::new("GpuHung", &"x".repeat(10_000), "gpu-reset", None, now, None);
-        t.history = vec![now; 500];
+        t.remediations = vec![
+            Remediation {
+                at: now,
+                priority: 3
+            };
+            500
+        ];
         for i in 0..8 {
             t.record(
                 i,
@@ -343,15 +433,64 @@ workflows:
     }
 
     #[test]
-    fn new_ticket_carries_history_and_counts_attempts() {
+    fn new_ticket_carries_disruptive_remediations_and_counts_attempts() {
         let t0: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
         let t1: Timestamp = "2026-11-22T12:00:00Z".parse().unwrap();
-        let first = Ticket::new("GpuHung", "", "gpu-reset", None, t0, None);
+        let mut first = Ticket::new("GpuHung", "", "gpu-reset", None, t0, None);
+        first.remediations.push(Remediation {
+            at: t0,
+            priority: 3,
+        });
         let second = Ticket::new("GpuHung", "", "gpu-reset", None, t1, Some(&first));
         assert_eq!(second.attempts, 2);
-        assert_eq!(second.history, vec![t0, t1]);
-        assert_eq!(second.remediations_since(t1, 3600), 1);
-        assert_eq!(second.remediations_since(t1, 86_400), 2);
+        assert_eq!(second.remediations, first.remediations);
+        assert_eq!(second.remediations_since(t1, 3600, 3), 0);
+        assert_eq!(second.remediations_since(t1, 86_400, 3), 1);
+        // Started by a less urgent condition: never counts against a more urgent one (I3).
+        assert_eq!(second.remediations_since(t1, 86_400, 2), 0);
         assert_ne!(first.id(), second.id());
+    }
+
+    #[test]
+    fn schema_1_tickets_are_still_read_and_written_as_schema_2() {
+        // As written by the previous release: `history`, no schema, no digest.
+        let old = "condition: GpuHung\nreason: xid 109\nstatus: resolving\ncreatedAt: 2026-11-22T10:00:00Z\nattempts: 1\nworkflows:\n- action: Cordon\n  status: Succeeded\n  at: 2026-11-22T10:00:01Z\n  step: 0\nsop: gpu-reset\nhistory:\n- 2026-11-22T10:00:00Z\ncordonedByHealer: true\n";
+        let t = Ticket::from_annotation("n1", old).unwrap();
+        assert_eq!(t.schema, None);
+        assert_eq!(t.sop_digest, None);
+        assert_eq!(t.history.len(), 1);
+        assert!(t.cordoned_by_healer);
+        let mut t2 = t.clone();
+        t2.schema = Some(SCHEMA);
+        let text = t2.to_annotation("n1").unwrap();
+        assert!(
+            text.contains("schema: 2") && !text.contains("history"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_huge_fingerprint_and_huge_names_still_fit() {
+        // Issue 14 scenario 6: a ~5 KB fingerprint made the ticket unwritable forever.
+        let now: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
+        let fp = "f".repeat(5000);
+        let mut t = Ticket::new(
+            &"C".repeat(5000),
+            "r",
+            &"s".repeat(5000),
+            Some(&fp),
+            now,
+            None,
+        );
+        t.sop_digest = Some("d".repeat(5000));
+        let text = t.to_annotation("n1").unwrap();
+        assert!(text.len() <= TICKET_MAX_BYTES, "{}", text.len());
+        let back = Ticket::from_annotation("n1", &text).unwrap();
+        assert_eq!(
+            back.fingerprint.as_deref(),
+            Some(short_fingerprint(&fp).as_str())
+        );
+        assert_ne!(short_fingerprint(&fp), short_fingerprint(&"g".repeat(5000)));
+        assert_eq!(short_fingerprint("abc123"), "abc123");
     }
 }

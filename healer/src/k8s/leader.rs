@@ -2,10 +2,16 @@
 //! every third of the lease duration; another replica takes over as soon as `renewTime +
 //! leaseDurationSeconds` has passed without renewal. Every write carries the Lease's
 //! resourceVersion, so two candidates cannot both win (the loser gets 409). A leader that cannot
-//! renew within the lease duration steps down by itself.
+//! renew within the lease duration steps down by itself, and releases the Lease on SIGTERM.
+//!
+//! The [`Fence`] is what the rest of the healer sees of this (I2): the instant until which this
+//! replica may send writes — the start of its last successful renewal plus the lease duration,
+//! minus a safety margin for clock skew and the request in flight. The renewTime we write is
+//! taken at that same start, so another replica's takeover (at renewTime + duration by its
+//! clock) comes at least `margin` after our last possible write.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
@@ -17,6 +23,61 @@ use kube::api::PostParams;
 use super::Kube;
 use crate::Result;
 use crate::config;
+
+/// Until when this replica may write. Cheap to clone; every clone sees the same state.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    /// `None`: leader election is off, writes are never fenced.
+    until: Option<Arc<Mutex<Option<Instant>>>>,
+    margin: Duration,
+}
+
+impl Fence {
+    /// Leader election off: every write may go.
+    pub fn unfenced() -> Self {
+        Fence {
+            until: None,
+            margin: Duration::ZERO,
+        }
+    }
+
+    /// Not leading until [`Fence::hold_until`] says so.
+    pub fn new(margin: Duration) -> Self {
+        Fence {
+            until: Some(Arc::new(Mutex::new(None))),
+            margin,
+        }
+    }
+
+    /// The lease we hold is valid until `until` (`None`: we do not hold it).
+    pub fn hold_until(&self, until: Option<Instant>) {
+        if let Some(u) = &self.until {
+            *u.lock().unwrap_or_else(|p| p.into_inner()) = until;
+        }
+    }
+
+    /// Stops all writes now (SIGTERM, lost Lease).
+    pub fn revoke(&self) {
+        self.hold_until(None);
+    }
+
+    /// Time left in which a write may be sent and complete, or `None`: no write may be sent.
+    pub fn write_window(&self) -> Option<Duration> {
+        let Some(u) = &self.until else {
+            return Some(Duration::MAX);
+        };
+        let until = (*u.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let left = until
+            .checked_duration_since(Instant::now())?
+            .checked_sub(self.margin)?;
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// May this replica act now?
+    pub fn holds(&self) -> bool {
+        self.write_window().is_some()
+    }
+}
 
 /// What one acquire/renew attempt found.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -33,17 +94,49 @@ pub struct LeaderElector {
     kube: Kube,
     cfg: config::Lease,
     identity: String,
-    leader: Arc<AtomicBool>,
+    fence: Fence,
+    leader: AtomicBool,
 }
 
 impl LeaderElector {
-    pub fn new(kube: Kube, cfg: config::Lease, identity: String, leader: Arc<AtomicBool>) -> Self {
+    /// `fence` is set while this replica leads; `kube` should be unfenced (the Lease's own
+    /// writes are what keeps the fence open).
+    pub fn new(kube: Kube, cfg: config::Lease, identity: String, fence: Fence) -> Self {
         LeaderElector {
             kube,
             cfg,
             identity,
-            leader,
+            fence,
+            leader: AtomicBool::new(false),
         }
+    }
+
+    /// Releases the Lease if we hold it (SIGTERM): `holderIdentity` cleared, so a standby takes
+    /// over at its next look instead of waiting out the lease. Call after [`Fence::revoke`].
+    pub async fn release(&self) -> Result<bool> {
+        self.fence.revoke();
+        let api: Api<Lease> = Api::namespaced(self.kube.client.clone(), &self.cfg.namespace);
+        let Some(mut lease) = self
+            .kube
+            .call("get lease", || api.get_opt(&self.cfg.name))
+            .await?
+        else {
+            return Ok(false);
+        };
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(false);
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(MicroTime(Timestamp::now()));
+        let pp = PostParams::default();
+        self.kube
+            .call("release lease", || api.replace(&self.cfg.name, &pp, &lease))
+            .await?;
+        self.kube.metrics.is_leader.set(0);
+        tracing::info!(identity = %self.identity, "Lease released");
+        Ok(true)
     }
 
     /// One acquire/renew attempt, saying when another holder's lease expires.
@@ -118,7 +211,7 @@ impl LeaderElector {
     /// start of the attempt); we stop leading at that moment even while a renewal attempt is
     /// still retrying against an apiserver that does not answer, so a replica cut off from the
     /// apiserver never acts as leader after another replica may have taken over.
-    pub async fn run(self) {
+    pub async fn run(&self) {
         let lease = Duration::from_secs(self.cfg.duration_seconds);
         let period = Duration::from_secs((self.cfg.duration_seconds / 3).max(1));
         let mut last_renew: Option<Instant> = None;
@@ -155,6 +248,8 @@ impl LeaderElector {
             } else if !held {
                 last_renew = None;
             } // else: a failed attempt inside a still-valid lease keeps that lease's deadline
+            self.fence
+                .hold_until(last_renew.filter(|_| held).map(|t| t + lease));
 
             let was = self.leader.swap(held, Ordering::SeqCst);
             if was != held {

@@ -13,7 +13,7 @@ mod taint;
 mod uncordon;
 mod wait_condition;
 
-pub use run_job::{JobTemplates, cleanup as run_job_cleanup, job_name};
+pub use run_job::{JobTemplates, job_name};
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Node;
@@ -21,12 +21,12 @@ use serde_json::Value;
 
 use crate::Result;
 use crate::catalog::Step;
-use crate::k8s::Kube;
+use crate::k8s::Cluster;
 use crate::ticket::Ticket;
 
 /// Everything a step may look at.
-pub struct StepCtx<'a> {
-    pub kube: &'a Kube,
+pub struct StepCtx<'a, C> {
+    pub cluster: &'a C,
     pub node: &'a Node,
     pub node_name: &'a str,
     pub ticket: &'a Ticket,
@@ -42,7 +42,7 @@ pub struct StepCtx<'a> {
     pub gpu: &'a str,
 }
 
-impl StepCtx<'_> {
+impl<C> StepCtx<'_, C> {
     pub fn elapsed_seconds(&self) -> u64 {
         (self.now.as_second() - self.started.as_second()).max(0) as u64
     }
@@ -72,7 +72,7 @@ pub fn is_long_running(step: &Step) -> bool {
     )
 }
 
-pub async fn execute(step: &Step, ctx: &StepCtx<'_>) -> Result<Outcome> {
+pub async fn execute<C: Cluster>(step: &Step, ctx: &StepCtx<'_, C>) -> Result<Outcome> {
     match step {
         Step::Cordon => Ok(cordon::run(ctx)),
         Step::Taint { key, effect } => Ok(taint::run(ctx, key, effect)),
@@ -80,6 +80,7 @@ pub async fn execute(step: &Step, ctx: &StepCtx<'_>) -> Result<Outcome> {
         Step::RunJob {
             template,
             timeout_seconds,
+            ..
         } => run_job::run(ctx, template, *timeout_seconds).await,
         Step::WaitCondition { timeout_seconds } => Ok(wait_condition::run(ctx, *timeout_seconds)),
         Step::Uncordon => Ok(uncordon::run(ctx)),

@@ -2,7 +2,7 @@
 
 use super::{Outcome, StepCtx};
 
-pub fn run(ctx: &StepCtx<'_>) -> Outcome {
+pub fn run<C>(ctx: &StepCtx<'_, C>) -> Outcome {
     Outcome::Done {
         message: format!(
             "{} on {}: {}",

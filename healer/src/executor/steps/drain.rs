@@ -2,15 +2,13 @@
 //! DaemonSet pods, mirror (static) pods and finished pods are skipped; only pods bound to this
 //! node are touched. A PDB refusal (429) is not retried here: the next reconcile tries again
 //! (that interval is the backoff), until `timeoutSeconds` from the step's start, then the SOP
-//! escalates.
+//! escalates. An API error is returned to the executor, which holds the same deadline (I5).
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
-use kube::api::{ListParams, PostParams};
-use serde_json::{Value, json};
 
 use super::{Outcome, StepCtx};
-use crate::{Error, Result};
+use crate::Result;
+use crate::k8s::{Cluster, Eviction};
 
 const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
@@ -34,36 +32,27 @@ pub fn evictable(pod: &Pod) -> bool {
     !daemonset && !mirror && !finished
 }
 
-pub async fn run(ctx: &StepCtx<'_>, timeout_seconds: u64) -> Result<Outcome> {
-    let all: Api<Pod> = Api::all(ctx.kube.client.clone());
-    let lp = ListParams::default().fields(&format!("spec.nodeName={}", ctx.node_name));
-    let pods = ctx.kube.call("list pods", || all.list(&lp)).await?;
+pub async fn run<C: Cluster>(ctx: &StepCtx<'_, C>, timeout_seconds: u64) -> Result<Outcome> {
+    let pods = ctx.cluster.pods_on_node(ctx.node_name).await?;
     let (mut remaining, mut blocked, mut evicted) = (0usize, 0usize, 0usize);
-    let timeout = std::time::Duration::from_secs(ctx.kube.policy.request_timeout_seconds);
-    for pod in pods.items.iter().filter(|p| evictable(p)) {
+    let mut last_error = None;
+    for pod in pods.iter().filter(|p| evictable(p)) {
         remaining += 1;
         if pod.metadata.deletion_timestamp.is_some() {
             continue; // already terminating
         }
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
-        let api: Api<Pod> = Api::namespaced(ctx.kube.client.clone(), &ns);
-        // 1.20 has no policy/v1; a body without apiVersion is accepted by every version.
-        let body = json!({"metadata": {"name": name, "namespace": ns}});
-        let res = tokio::time::timeout(
-            timeout,
-            api.create_subresource::<_, Value>("eviction", &name, &PostParams::default(), &body),
-        )
-        .await;
-        match res {
-            Ok(Ok(_)) => evicted += 1,
-            Ok(Err(kube::Error::Api(s))) if s.code == 429 => {
+        match ctx.cluster.evict(&ns, &name).await {
+            Ok(Eviction::Evicted) => evicted += 1,
+            Ok(Eviction::Refused) => {
                 blocked += 1;
                 tracing::debug!(node = ctx.node_name, pod = %name, namespace = %ns, "Eviction refused by a PodDisruptionBudget");
             }
-            Ok(Err(kube::Error::Api(s))) if s.code == 404 => remaining -= 1,
-            Ok(Err(e)) => return Err(Error::kube("evict pod", e)),
-            Err(_) => blocked += 1,
+            Ok(Eviction::Gone) => remaining -= 1,
+            // Other pods may still go; the error is reported below (e.g. a pod under two
+            // PodDisruptionBudgets answers 500 every time).
+            Err(e) => last_error = Some(format!("evicting {ns}/{name}: {e}")),
         }
     }
     if remaining == 0 {
@@ -72,16 +61,17 @@ pub async fn run(ctx: &StepCtx<'_>, timeout_seconds: u64) -> Result<Outcome> {
             patch: None,
         });
     }
+    let error = last_error.map_or(String::new(), |e| format!("; last error: {e}"));
     if ctx.elapsed_seconds() >= timeout_seconds {
         return Ok(Outcome::Failed {
             message: format!(
-                "drain timed out after {timeout_seconds} s: {remaining} pods left, {blocked} refused by PodDisruptionBudgets"
+                "drain timed out after {timeout_seconds} s: {remaining} pods left, {blocked} refused by PodDisruptionBudgets{error}"
             ),
         });
     }
     Ok(Outcome::Waiting {
         message: format!(
-            "draining: {evicted} evicted now, {remaining} pods left, {blocked} refused by PodDisruptionBudgets"
+            "draining: {evicted} evicted now, {remaining} pods left, {blocked} refused by PodDisruptionBudgets{error}"
         ),
         job: None,
     })
@@ -90,6 +80,7 @@ pub async fn run(ctx: &StepCtx<'_>, timeout_seconds: u64) -> Result<Outcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Value, json};
 
     #[test]
     fn skips_daemonset_mirror_and_finished_pods() {

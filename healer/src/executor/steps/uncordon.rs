@@ -9,7 +9,7 @@ use super::{Outcome, StepCtx};
 use crate::catalog::UNHEALTHY_TAINT;
 use crate::ticket::StepStatus;
 
-pub fn run(ctx: &StepCtx<'_>) -> Outcome {
+pub fn run<C>(ctx: &StepCtx<'_, C>) -> Outcome {
     let healthy = ctx.ticket.workflows.iter().any(|w| {
         w.action == "RunJob"
             && w.status == StepStatus::Succeeded

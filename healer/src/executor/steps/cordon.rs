@@ -4,7 +4,7 @@ use serde_json::json;
 
 use super::{Outcome, StepCtx};
 
-pub fn run(ctx: &StepCtx<'_>) -> Outcome {
+pub fn run<C>(ctx: &StepCtx<'_, C>) -> Outcome {
     let already = ctx
         .node
         .spec

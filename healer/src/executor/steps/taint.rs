@@ -30,7 +30,7 @@ pub fn current_taints(node: &k8s_openapi::api::core::v1::Node) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-pub fn run(ctx: &StepCtx<'_>, key: &str, effect: &str) -> Outcome {
+pub fn run<C>(ctx: &StepCtx<'_, C>, key: &str, effect: &str) -> Outcome {
     match with_taint(&current_taints(ctx.node), key, effect) {
         None => Outcome::Done {
             message: format!("taint {key}:{effect} already present"),

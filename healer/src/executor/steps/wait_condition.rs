@@ -3,7 +3,7 @@
 
 use super::{Outcome, StepCtx};
 
-pub fn run(ctx: &StepCtx<'_>, timeout_seconds: u64) -> Outcome {
+pub fn run<C>(ctx: &StepCtx<'_, C>, timeout_seconds: u64) -> Outcome {
     if !ctx.condition_firing {
         return Outcome::Done {
             message: format!("{} resolved", ctx.ticket.condition),

@@ -9,12 +9,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use k8s_openapi::api::batch::v1::Job;
-use kube::Api;
-use kube::api::{DeleteParams, PostParams};
 
 use super::{Outcome, StepCtx};
 use crate::catalog::JOB_TEMPLATES;
-use crate::k8s::Kube;
+use crate::k8s::Cluster;
 use crate::{Error, Result};
 
 /// Job templates by name: embedded from `deploy/jobs/`, or read from a directory.
@@ -26,20 +24,26 @@ pub struct JobTemplates {
 impl JobTemplates {
     pub fn embedded() -> Self {
         let t = [
-            ("reboot", include_str!("../../../deploy/jobs/reboot.yaml")),
+            (
+                "reboot",
+                include_str!("../../../../deploy/jobs/reboot.yaml"),
+            ),
             (
                 "gpu-reset",
-                include_str!("../../../deploy/jobs/gpu-reset.yaml"),
+                include_str!("../../../../deploy/jobs/gpu-reset.yaml"),
             ),
             (
                 "healthcheck",
-                include_str!("../../../deploy/jobs/healthcheck.yaml"),
+                include_str!("../../../../deploy/jobs/healthcheck.yaml"),
             ),
             (
                 "diagnose",
-                include_str!("../../../deploy/jobs/diagnose.yaml"),
+                include_str!("../../../../deploy/jobs/diagnose.yaml"),
             ),
-            ("repair", include_str!("../../../deploy/jobs/repair.yaml")),
+            (
+                "repair",
+                include_str!("../../../../deploy/jobs/repair.yaml"),
+            ),
         ];
         JobTemplates {
             templates: t
@@ -156,10 +160,13 @@ pub fn job_name(template: &str, node: &str, ticket_id: &str, index: usize) -> St
     format!("ark-{template}-{h:016x}-{ticket_id}-{index}")
 }
 
-pub async fn run(ctx: &StepCtx<'_>, template: &str, timeout_seconds: u64) -> Result<Outcome> {
+pub async fn run<C: Cluster>(
+    ctx: &StepCtx<'_, C>,
+    template: &str,
+    timeout_seconds: u64,
+) -> Result<Outcome> {
     let name = job_name(template, ctx.node_name, &ctx.ticket.id(), ctx.index);
-    let api: Api<Job> = Api::namespaced(ctx.kube.client.clone(), ctx.jobs_namespace);
-    let existing = ctx.kube.call("get job", || api.get_opt(&name)).await?;
+    let existing = ctx.cluster.get_job(ctx.jobs_namespace, &name).await?;
     let Some(job) = existing else {
         let job = ctx.jobs.render(
             template,
@@ -170,12 +177,7 @@ pub async fn run(ctx: &StepCtx<'_>, template: &str, timeout_seconds: u64) -> Res
             &ctx.ticket.condition,
             &ctx.ticket.id(),
         )?;
-        let pp = PostParams::default();
-        match ctx.kube.call("create job", || api.create(&pp, &job)).await {
-            Ok(_) => {}
-            Err(e) if e.api_status() == Some(409) => {}
-            Err(e) => return Err(e),
-        }
+        ctx.cluster.create_job(ctx.jobs_namespace, &job).await?;
         return Ok(Outcome::Waiting {
             message: format!("Job {name} created"),
             job: Some(name),
@@ -207,18 +209,6 @@ pub async fn run(ctx: &StepCtx<'_>, template: &str, timeout_seconds: u64) -> Res
         message: format!("Job {name} running"),
         job: Some(name),
     })
-}
-
-/// Deletes a finished Job and its pods (Background propagation). Called after the ticket
-/// recorded the result; a failure only leaves the Job behind.
-pub async fn cleanup(kube: &Kube, namespace: &str, name: &str) {
-    let api: Api<Job> = Api::namespaced(kube.client.clone(), namespace);
-    let dp = DeleteParams::background();
-    match kube.call("delete job", || api.delete(name, &dp)).await {
-        Ok(_) => {}
-        Err(e) if e.api_status() == Some(404) => {}
-        Err(e) => tracing::warn!(job = name, error = %e, "Finished Job not deleted"),
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,391 @@
+//! The executor against the in-memory cluster: SOPs end to end, the failure paths (I5), the
+//! fence (I2), and a property test over random interleavings of alerts, passes, Job results,
+//! leadership changes, manual cordons and API failures that checks I1, I2, I5 and "no step
+//! twice". The same behaviours are tested on the real apiserver in `tests/tests/`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use proptest::prelude::*;
+
+use super::*;
+use crate::alerts::{Alert, AlertStatus, AlertStore};
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::k8s::fake::FakeCluster;
+use crate::k8s::{Cluster, Fence, view_of};
+use crate::planner::{PlanInput, plan};
+use crate::ticket::{TICKET_MAX_BYTES, TicketStatus};
+
+struct World {
+    catalog: Catalog,
+    config: Config,
+    store: AlertStore,
+    exec: Executor<FakeCluster>,
+    fence: Fence,
+}
+
+fn world(catalog: Catalog, budget: u32) -> World {
+    let fence = Fence::new(Duration::from_millis(100));
+    fence.hold_until(Some(Instant::now() + Duration::from_secs(3600)));
+    let mut config = Config::default();
+    config.budget.max_unschedulable = budget;
+    config.budget.max_unschedulable_percent = 0.0;
+    let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+    let exec = Executor::new(
+        Some(FakeCluster::new(fence.clone())),
+        Settings {
+            jobs_namespace: "ark-system".into(),
+            max_concurrent_nodes: 4,
+        },
+        JobTemplates::embedded(),
+        Audit::open(None).unwrap(),
+        metrics,
+        fence.clone(),
+    );
+    World {
+        catalog,
+        config,
+        store: AlertStore::new(10_000),
+        exec,
+        fence,
+    }
+}
+
+fn alert(node: &str, condition: &str, status: AlertStatus) -> Alert {
+    Alert {
+        fingerprint: format!("{node}/{condition}"),
+        status,
+        labels: [
+            ("node".to_owned(), node.to_owned()),
+            ("condition".to_owned(), condition.to_owned()),
+        ]
+        .into(),
+        annotations: BTreeMap::new(),
+        starts_at: "2026-11-22T11:00:00Z".parse().unwrap(),
+        ends_at: None,
+    }
+}
+
+impl World {
+    fn cluster(&self) -> &FakeCluster {
+        self.exec.cluster().unwrap()
+    }
+
+    async fn pass(&self) -> Plan {
+        let nodes = Cluster::list_nodes(self.cluster()).await.unwrap();
+        let view = view_of(&nodes);
+        let listed: HashMap<String, Node> = nodes
+            .into_iter()
+            .map(|n| (n.metadata.name.clone().unwrap_or_default(), n))
+            .collect();
+        let alerts = self.store.snapshot();
+        let p = plan(&PlanInput {
+            alerts: &alerts,
+            catalog: &self.catalog,
+            config: &self.config,
+            view: &view,
+            now: Timestamp::now(),
+            silence_means_resolved: true,
+        });
+        self.exec.execute(&p, &view, &listed, None).await;
+        p
+    }
+
+    fn ticket(&self, node: &str) -> Option<Ticket> {
+        let s = self.cluster().lock();
+        node_ticket(s.nodes.get(node)?).map(|t| t.unwrap())
+    }
+
+    fn jobs(&self) -> Vec<String> {
+        self.cluster().lock().jobs.keys().cloned().collect()
+    }
+}
+
+#[tokio::test]
+async fn a_gpu_reset_runs_end_to_end_once() {
+    let mut w = world(Catalog::embedded().unwrap(), 2);
+    w.cluster().add_node("n1", false);
+    w.cluster()
+        .lock()
+        .pods
+        .insert("n1".into(), vec![("default".into(), "train-0".into())]);
+    w.store.apply(alert("n1", "GpuHung", AlertStatus::Firing));
+    w.pass().await; // Cordon, Taint, Drain (evicts the pod, waits for it to go)
+    assert_eq!(w.cluster().unschedulable(), 1);
+    assert!(w.jobs().is_empty());
+    w.pass().await; // Drain done, RunJob(gpu-reset) created
+    let jobs = w.jobs();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert!(jobs[0].starts_with("ark-gpu-reset-n1-"));
+    w.pass().await; // still running: nothing new
+    assert_eq!(w.cluster().lock().jobs_created.len(), 1);
+    w.cluster().finish_job(&jobs[0], true);
+    w.pass().await; // RunJob done, WaitCondition waits (still firing)
+    assert!(
+        w.jobs().is_empty(),
+        "a finished Job is deleted once recorded"
+    );
+    w.store.apply(alert("n1", "GpuHung", AlertStatus::Resolved));
+    w.pass().await; // WaitCondition done, RunJob(healthcheck) created
+    let hc = w.jobs();
+    assert!(hc[0].starts_with("ark-healthcheck-n1-"), "{hc:?}");
+    w.cluster().finish_job(&hc[0], true);
+    w.pass().await; // healthcheck done, Uncordon, resolved
+    let t = w.ticket("n1").unwrap();
+    assert_eq!(t.status, TicketStatus::Resolved, "{t:?}");
+    assert!(t.disrupted && t.cordoned_by_healer);
+    assert_eq!(t.remediations.len(), 1);
+    assert_eq!(w.cluster().unschedulable(), 0);
+    let created = w.cluster().lock().jobs_created.clone();
+    assert_eq!(created.len(), 2, "{created:?}");
+    assert!(w.cluster().lock().writes.iter().all(|(_, _, held)| *held));
+}
+
+#[tokio::test]
+async fn a_drain_whose_evictions_error_escalates_at_its_deadline_with_the_reason() {
+    // Issue 14 scenario 4: a pod under two PDBs (eviction answers 500) kept the Drain Running
+    // for as long as it was watched, with nothing in the ticket.
+    let over = "sops:\n  gpu-reset:\n    steps:\n      - {action: Cordon}\n      - {action: Drain, timeoutSeconds: 0}\n      - {action: RunJob, template: gpu-reset}\n";
+    let mut w = world(Catalog::embedded_with(over, "test").unwrap(), 2);
+    w.cluster().add_node("n1", false);
+    w.cluster()
+        .lock()
+        .pods
+        .insert("n1".into(), vec![("default".into(), "two-pdbs".into())]);
+    w.cluster().lock().failing.insert("evict".into());
+    w.store.apply(alert("n1", "GpuHung", AlertStatus::Firing));
+    w.pass().await;
+    w.pass().await;
+    let t = w.ticket("n1").unwrap();
+    assert_eq!(t.status, TicketStatus::Escalated, "{t:?}");
+    let drain = t.workflow(1).unwrap();
+    assert_eq!(drain.status, StepStatus::Failed);
+    let msg = drain.message.as_deref().unwrap();
+    assert!(msg.contains("500") && msg.contains("two-pdbs"), "{msg}");
+    assert!(w.jobs().is_empty(), "no reset after a failed drain");
+}
+
+#[tokio::test]
+async fn an_api_error_past_the_deadline_escalates_whatever_the_step() {
+    let over = "sops:\n  gpu-reset:\n    steps:\n      - {action: Cordon}\n      - {action: RunJob, template: gpu-reset, timeoutSeconds: 0}\n";
+    let mut w = world(Catalog::embedded_with(over, "test").unwrap(), 2);
+    w.cluster().add_node("n1", false);
+    w.cluster().lock().failing.insert("get_job".into());
+    w.store.apply(alert("n1", "GpuHung", AlertStatus::Firing));
+    w.pass().await;
+    w.pass().await;
+    let t = w.ticket("n1").unwrap();
+    assert_eq!(t.status, TicketStatus::Escalated, "{t:?}");
+    let msg = t.workflow(1).unwrap().message.clone().unwrap();
+    assert!(
+        msg.contains("gave up after 0 s") && msg.contains("500"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn without_the_lease_nothing_is_written() {
+    let mut w = world(Catalog::embedded().unwrap(), 2);
+    w.cluster().add_node("n1", false);
+    w.store.apply(alert("n1", "GpuHung", AlertStatus::Firing));
+    w.fence.revoke();
+    w.pass().await;
+    assert!(w.cluster().lock().writes.is_empty());
+    assert!(w.ticket("n1").is_none());
+}
+
+#[tokio::test]
+async fn a_resumed_ticket_under_a_changed_sop_is_replanned_not_remapped() {
+    // Issue 14 scenario 7: records were matched to different steps by index.
+    let mut w = world(Catalog::embedded().unwrap(), 2);
+    w.cluster().add_node("n1", false);
+    w.store.apply(alert("n1", "GpuHung", AlertStatus::Firing));
+    w.pass().await;
+    let before = w.ticket("n1").unwrap();
+    assert_eq!(before.workflows.len(), 4, "{before:?}"); // Cordon Taint Drain RunJob(running)
+    // The catalog changes: a diagnose Job is inserted before the reset.
+    let over = "sops:\n  gpu-reset:\n    steps:\n      - {action: Cordon}\n      - {action: Taint}\n      - {action: Drain}\n      - {action: RunJob, template: diagnose}\n      - {action: RunJob, template: gpu-reset}\n";
+    w.catalog = Catalog::embedded_with(over, "test").unwrap();
+    w.pass().await;
+    let after = w.ticket("n1").unwrap();
+    assert_ne!(after.created_at, before.created_at, "a new ticket");
+    assert_eq!(
+        after.sop_digest.as_deref(),
+        Some(w.catalog.sop("gpu-reset").unwrap().digest().as_str())
+    );
+    assert!(after.cordoned_by_healer && after.disrupted, "{after:?}");
+    let running: Vec<_> = after
+        .workflows
+        .iter()
+        .filter(|w| w.status == StepStatus::Running)
+        .map(|w| (w.step, w.job.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(running.len(), 1);
+    assert_eq!(running[0].0, Some(3));
+    assert!(running[0].1.starts_with("ark-diagnose-"), "{running:?}");
+}
+
+#[tokio::test]
+async fn a_taint_noexecute_reboot_sop_is_refused_so_it_cannot_take_100_nodes() {
+    // Issue 14 scenario 5: [Taint NoExecute, RunJob reboot] on 100 nodes with budget 2 admitted
+    // all 100. Such a catalog no longer loads; with a Cordon first, the budget holds.
+    let bad = "sops:\n  gpu-reset: {steps: [{action: Taint, effect: NoExecute}, {action: RunJob, template: reboot}]}\n";
+    assert!(Catalog::embedded_with(bad, "test").is_err());
+    let good = "sops:\n  gpu-reset: {steps: [{action: Cordon}, {action: Taint, effect: NoExecute}, {action: RunJob, template: reboot}]}\n";
+    let mut w = world(Catalog::embedded_with(good, "test").unwrap(), 2);
+    for i in 0..100 {
+        let n = format!("n{i:03}");
+        w.cluster().add_node(&n, false);
+        w.store.apply(alert(&n, "GpuHung", AlertStatus::Firing));
+    }
+    w.pass().await;
+    w.pass().await;
+    assert_eq!(w.cluster().unschedulable(), 2);
+    assert_eq!(w.cluster().lock().jobs_created.len(), 2);
+}
+
+// ---- property test over random interleavings ----
+
+#[derive(Debug, Clone)]
+enum Op {
+    Alert(usize, usize, bool),
+    Pass,
+    FinishJob(usize, bool),
+    Leader(bool),
+    HumanCordon(usize, bool),
+    Fail(usize, bool),
+}
+
+const NODES: usize = 5;
+const CONDITIONS: &[&str] = &[
+    "GpuHung",
+    "GpuFellOffBus",
+    "WorkloadStalled",
+    "NodeNotReady",
+    "IbLinkFlapping",
+];
+const FAILABLE: &[&str] = &["patch", "evict", "get_job", "create_job", "get_node"];
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..NODES, 0..CONDITIONS.len(), any::<bool>()).prop_map(|(n, c, f)| Op::Alert(n, c, f)),
+        6 => Just(Op::Pass),
+        3 => (0..8usize, any::<bool>()).prop_map(|(j, ok)| Op::FinishJob(j, ok)),
+        1 => any::<bool>().prop_map(Op::Leader),
+        1 => (0..NODES, any::<bool>()).prop_map(|(n, c)| Op::HumanCordon(n, c)),
+        1 => (0..FAILABLE.len(), any::<bool>()).prop_map(|(o, f)| Op::Fail(o, f)),
+    ]
+}
+
+fn disrupted(c: &FakeCluster) -> usize {
+    let nodes: Vec<Node> = c.lock().nodes.values().cloned().collect();
+    view_of(&nodes).disrupted()
+}
+
+async fn run_ops(ops: Vec<Op>) -> std::result::Result<(), TestCaseError> {
+    const BUDGET: usize = 2;
+    let mut w = world(Catalog::embedded().unwrap(), BUDGET as u32);
+    for i in 0..NODES {
+        w.cluster().add_node(&format!("n{i}"), false);
+        w.cluster()
+            .lock()
+            .pods
+            .insert(format!("n{i}"), vec![("default".into(), format!("p{i}"))]);
+    }
+    let mut starts: u64 = 0;
+    for op in ops {
+        match op {
+            Op::Alert(n, c, firing) => {
+                let mut a = alert(
+                    &format!("n{n}"),
+                    CONDITIONS[c],
+                    if firing {
+                        AlertStatus::Firing
+                    } else {
+                        AlertStatus::Resolved
+                    },
+                );
+                // A new occurrence after a resolution starts later.
+                starts += 1;
+                if firing {
+                    a.starts_at = Timestamp::from_second(1_700_000_000 + starts as i64).unwrap();
+                } else if let Some(known) = w
+                    .store
+                    .snapshot()
+                    .into_iter()
+                    .find(|k| k.fingerprint == a.fingerprint)
+                {
+                    a.starts_at = known.starts_at;
+                }
+                w.store.apply(a);
+            }
+            Op::Pass => {
+                let before = disrupted(w.cluster());
+                let writes_before = w.cluster().lock().writes.len();
+                w.pass().await;
+                let after = disrupted(w.cluster());
+                // I1: the healer never takes the cluster past its budget (humans may).
+                prop_assert!(
+                    after <= before || after <= BUDGET,
+                    "budget: {before} -> {after} disrupted"
+                );
+                let s = w.cluster().lock();
+                // I2: no write was sent without the Lease.
+                prop_assert!(
+                    s.writes[writes_before..].iter().all(|(_, _, held)| *held),
+                    "write without the lease: {:?}",
+                    &s.writes[writes_before..]
+                );
+                // I5: every ticket fits.
+                for n in s.nodes.values() {
+                    if let Some(text) = n
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(TICKET_ANNOTATION))
+                    {
+                        prop_assert!(text.len() <= TICKET_MAX_BYTES);
+                    }
+                }
+                // No Job (no reboot, no reset) is ever created twice.
+                let unique: HashSet<_> = s.jobs_created.iter().collect();
+                prop_assert_eq!(unique.len(), s.jobs_created.len(), "{:?}", s.jobs_created);
+            }
+            Op::FinishJob(j, ok) => {
+                let jobs = w.jobs();
+                if !jobs.is_empty() {
+                    w.cluster().finish_job(&jobs[j % jobs.len()], ok);
+                }
+            }
+            Op::Leader(lead) => w
+                .fence
+                .hold_until(lead.then(|| Instant::now() + Duration::from_secs(3600))),
+            Op::HumanCordon(n, cordon) => w.cluster().edit_node(&format!("n{n}"), |node| {
+                node.spec.get_or_insert_with(Default::default).unschedulable = Some(cordon);
+            }),
+            Op::Fail(o, fail) => {
+                let mut s = w.cluster().lock();
+                if fail {
+                    s.failing.insert(FAILABLE[o].into());
+                } else {
+                    s.failing.remove(FAILABLE[o]);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    // `PROPTEST_CASES=10000 cargo test -p ark-healer --lib executor::tests` for the long run.
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn random_interleavings_keep_budget_fence_size_and_no_step_twice(
+        ops in proptest::collection::vec(op(), 1..60)
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(run_ops(ops))?;
+    }
+}

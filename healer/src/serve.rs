@@ -1,0 +1,367 @@
+//! `ark-healer serve`: the webhook, the alert store, the Lease and the reconcile loop.
+//!
+//! Every replica serves and stores what it receives (`/readyz` = can serve); only the Lease
+//! holder acts. One pass: list the Nodes (one consistent view) → [`planner::plan`] (pure) →
+//! Alertmanager re-confirms the alerts of plans about to disrupt a node for the first time (I4)
+//! → the executor carries the plan out. On SIGTERM the replica stops writing, then releases the
+//! Lease so the standby takes over at once.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Node;
+use tokio::sync::{Notify, mpsc};
+
+use crate::alertmanager::Alertmanager;
+use crate::alerts::{Alert, AlertStatus, AlertStore, Applied};
+use crate::audit::Audit;
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::executor::steps::JobTemplates;
+use crate::executor::{Executor, Settings};
+use crate::k8s::{self, Cluster, Fence, Kube, LeaderElector};
+use crate::metrics::Metrics;
+use crate::planner::{self, BlockReason, ClusterView, Plan, PlanInput};
+use crate::webhook::{self, AppState};
+
+pub const TOKEN_ENV: &str = "ARK_HEALER_WEBHOOK_TOKEN";
+
+/// How long after start an alert we have not heard about counts as unknown rather than resolved:
+/// Alertmanager re-sends firing alerts on `repeat_interval`, so silence right after a restart
+/// proves nothing.
+const STARTUP_GRACE: Duration = Duration::from_secs(300);
+/// Resolved alerts are kept this long (they reject stale re-deliveries).
+const RESOLVED_KEEP_SECONDS: i64 = 3600;
+
+/// Flags of `serve` (how the process runs).
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub token_file: Option<PathBuf>,
+    pub dry_run: bool,
+    pub config: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
+    pub identity: Option<String>,
+}
+
+fn read_token(file: Option<&Path>) -> anyhow::Result<String> {
+    let token = match file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading webhook token file {}", f.display()))?,
+        None => std::env::var(TOKEN_ENV).unwrap_or_default(),
+    };
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        bail!("no webhook token: pass --webhook-token-file or set {TOKEN_ENV}");
+    }
+    Ok(token)
+}
+
+/// A client that answered `/version`, or `None`.
+pub async fn reachable(kubeconfig: Option<&Path>, cfg: &Config, metrics: &Metrics) -> Option<Kube> {
+    let client = match k8s::client(kubeconfig, &cfg.kube).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "No Kubernetes client");
+            return None;
+        }
+    };
+    let t = Duration::from_secs(cfg.kube.request_timeout_seconds);
+    match tokio::time::timeout(t, client.apiserver_version()).await {
+        Ok(Ok(_)) => Some(
+            Kube::new(client, cfg.kube.clone(), metrics.clone())
+                .with_events_namespace(&cfg.events_namespace),
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "Kubernetes API not reachable");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("Kubernetes API did not answer in time");
+            None
+        }
+    }
+}
+
+fn default_identity() -> String {
+    let base = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "ark-healer".into());
+    format!("{base}-{}", std::process::id())
+}
+
+/// What one pass needs besides the executor.
+struct Loop {
+    catalog: Catalog,
+    config: Config,
+    store: Arc<Mutex<AlertStore>>,
+    alertmanager: Option<Alertmanager>,
+    executor: Executor<Kube>,
+    started: Instant,
+}
+
+impl Loop {
+    fn store(&self) -> std::sync::MutexGuard<'_, AlertStore> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn pass(&self, only: Option<&HashSet<String>>) -> crate::Result<Plan> {
+        let (view, listed): (ClusterView, HashMap<String, Node>) = match self.executor.cluster() {
+            Some(k) => {
+                let nodes = Cluster::list_nodes(k).await?;
+                let view = k8s::view_of(&nodes);
+                let listed = nodes
+                    .into_iter()
+                    .map(|n| (n.metadata.name.clone().unwrap_or_default(), n))
+                    .collect();
+                (view, listed)
+            }
+            None => (ClusterView::default(), HashMap::new()),
+        };
+        let now = Timestamp::now();
+        let alerts = self.store().snapshot();
+        let mut plan = planner::plan(&PlanInput {
+            alerts: &alerts,
+            catalog: &self.catalog,
+            config: &self.config,
+            view: &view,
+            now,
+            silence_means_resolved: self.started.elapsed() >= STARTUP_GRACE,
+        });
+        self.confirm(&mut plan, &alerts, only).await;
+        self.executor.execute(&plan, &view, &listed, only).await;
+        if let Ok(before) = Timestamp::from_second(now.as_second() - RESOLVED_KEEP_SECONDS) {
+            self.store().gc(before);
+        }
+        Ok(plan)
+    }
+
+    /// I4: before a plan disrupts a node for the first time, Alertmanager must list the alert as
+    /// active. Not listed: the alert is marked resolved here (it was a replica's stale memory)
+    /// and the plan blocked; Alertmanager not answering: blocked, asked again next pass.
+    async fn confirm(&self, plan: &mut Plan, alerts: &[Alert], only: Option<&HashSet<String>>) {
+        let Some(am) = &self.alertmanager else { return };
+        for p in plan.nodes.iter_mut().filter(|p| p.needs_confirmation) {
+            if only.is_some_and(|o| !o.contains(&p.node)) {
+                continue;
+            }
+            let why = match am.confirms(&self.catalog, &p.node, &p.condition).await {
+                Ok(true) => continue,
+                Ok(false) => {
+                    let mut store = self.store();
+                    for a in alerts
+                        .iter()
+                        .filter(|a| p.fingerprints.contains(&a.fingerprint))
+                    {
+                        let mut resolved = a.clone();
+                        resolved.status = AlertStatus::Resolved;
+                        store.apply(resolved);
+                    }
+                    "Alertmanager does not list the alert as active: not acting on this replica's memory".to_owned()
+                }
+                Err(e) => format!("cannot confirm the alert with Alertmanager: {e}"),
+            };
+            p.block_reason = Some(BlockReason::Unconfirmed);
+            p.blocked = Some(why);
+        }
+    }
+}
+
+pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    let mut cfg = Config::load(opts.config.as_deref())?;
+    cfg.dry_run |= opts.dry_run;
+    let token = read_token(opts.token_file.as_deref())?;
+    let catalog = Catalog::load(cfg.catalog_file.as_deref())?;
+    let jobs = JobTemplates::load(cfg.jobs_dir.as_deref())?;
+    let audit = Audit::open(cfg.audit_log.as_deref())?;
+    let alertmanager = match &cfg.alertmanager.url {
+        Some(url) => Some(Alertmanager::new(
+            url,
+            Duration::from_secs(cfg.alertmanager.timeout_seconds.max(1)),
+        )?),
+        None => {
+            tracing::warn!(
+                "alertmanager.url is not set: alerts are not re-confirmed before a disruption (I4 off)"
+            );
+            None
+        }
+    };
+    let registry = prometheus::Registry::new();
+    let metrics = Metrics::register(&registry)?;
+
+    let kube = reachable(opts.kubeconfig.as_deref(), &cfg, &metrics).await;
+    if kube.is_none() {
+        if !cfg.dry_run {
+            bail!(
+                "Kubernetes API not reachable (use --dry-run to serve and plan without a cluster)"
+            );
+        }
+        tracing::warn!("No reachable cluster: dry-run planning against an empty cluster view");
+    }
+
+    let (fence, elector) = match (&kube, cfg.lease.enabled) {
+        (Some(k), true) => {
+            let identity = opts.identity.clone().unwrap_or_else(default_identity);
+            tracing::info!(identity = %identity, lease = %cfg.lease.name, namespace = %cfg.lease.namespace, "Leader election on");
+            let fence = Fence::new(Duration::from_secs(cfg.lease.margin_seconds));
+            let elector = Arc::new(LeaderElector::new(
+                k.clone(),
+                cfg.lease.clone(),
+                identity,
+                fence.clone(),
+            ));
+            let task = {
+                let elector = elector.clone();
+                tokio::spawn(async move { elector.run().await })
+            };
+            (fence, Some((elector, task)))
+        }
+        _ => {
+            metrics.is_leader.set(1);
+            (Fence::unfenced(), None)
+        }
+    };
+
+    let (tx, mut rx) = mpsc::channel::<Vec<Alert>>(cfg.queue_capacity);
+    let store = Arc::new(Mutex::new(AlertStore::new(cfg.max_alerts)));
+    let wake = Arc::new(Notify::new());
+    // Nodes that received alert changes since the last pass: a wake-up advances only these.
+    let dirty: Arc<Mutex<HashSet<String>>> = Arc::default();
+    {
+        let store = store.clone();
+        let wake = wake.clone();
+        let dirty = dirty.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                metrics.queue_depth.dec();
+                let mut changed = Vec::new();
+                {
+                    let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
+                    for a in batch {
+                        let node = a.node().map(str::to_owned);
+                        if s.apply(a) == Applied::Changed
+                            && let Some(n) = node
+                        {
+                            changed.push(n);
+                        }
+                    }
+                }
+                if !changed.is_empty() {
+                    dirty
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(changed);
+                    wake.notify_one();
+                }
+            }
+        });
+    }
+
+    let interval = Duration::from_secs(cfg.reconcile_interval_seconds.max(1));
+    let settings = Settings {
+        jobs_namespace: cfg.jobs_namespace.clone(),
+        max_concurrent_nodes: cfg.max_concurrent_nodes,
+    };
+    let cluster = kube.map(|k| k.with_fence(fence.clone()));
+    let executor = Executor::new(
+        cluster,
+        settings,
+        jobs,
+        audit,
+        metrics.clone(),
+        fence.clone(),
+    );
+    let dry_run = cfg.dry_run;
+    let lp = Arc::new(Loop {
+        catalog,
+        config: cfg,
+        store,
+        alertmanager,
+        executor,
+        started: Instant::now(),
+    });
+    let reconciler = {
+        let fence = fence.clone();
+        tokio::spawn(async move {
+            let mut next_full = Instant::now();
+            loop {
+                let wait = next_full.saturating_duration_since(Instant::now());
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(wait) => {}
+                }
+                if !fence.holds() {
+                    // A standby keeps what it receives; it plans only once it leads.
+                    next_full = Instant::now() + interval;
+                    continue;
+                }
+                let only = std::mem::take(&mut *dirty.lock().unwrap_or_else(|p| p.into_inner()));
+                let result = if Instant::now() >= next_full {
+                    next_full = Instant::now() + interval;
+                    lp.pass(None).await
+                } else {
+                    lp.pass(Some(&only)).await
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "Reconcile pass failed");
+                }
+            }
+        })
+    };
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = AppState::new(
+        &token,
+        tx,
+        metrics,
+        ready.clone(),
+        webhook::DEFAULT_BODY_LIMIT,
+    );
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("binding {}", opts.listen))?;
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(address = %opts.listen, dry_run, "Serving webhook and metrics");
+    let served = axum::serve(listener, webhook::router(state))
+        .with_graceful_shutdown(shutdown())
+        .await
+        .context("serving HTTP");
+
+    // Stop acting first, then hand the Lease over: the standby leads at its next look.
+    fence.revoke();
+    reconciler.abort();
+    if let Some((elector, task)) = elector {
+        task.abort();
+        match elector.release().await {
+            Ok(true) => {}
+            Ok(false) => tracing::info!("Not the Lease holder at shutdown: nothing to release"),
+            Err(e) => {
+                tracing::warn!(error = %e, "Lease not released; the standby takes over when it expires")
+            }
+        }
+    }
+    served
+}
+
+async fn shutdown() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("Shutting down: no more actions; releasing the Lease");
+}
