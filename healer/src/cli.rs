@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use jiff::Timestamp;
 use tokio::sync::{Notify, mpsc};
 
-use crate::alerts::{AlertStore, Applied, parse_alert_file};
+use crate::alerts::{AlertStore, Applied, StoreLimits, parse_alert_file};
 use crate::audit::Audit;
 use crate::catalog::Catalog;
 use crate::config::Config;
@@ -196,22 +196,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("No reachable cluster: dry-run planning against an empty cluster view");
     }
 
-    let ready = Arc::new(AtomicBool::new(false));
+    let leader = Arc::new(AtomicBool::new(false));
     match (&kube, cfg.lease.enabled) {
         (Some(k), true) => {
             let identity = args.identity.clone().unwrap_or_else(default_identity);
             tracing::info!(identity = %identity, lease = %cfg.lease.name, namespace = %cfg.lease.namespace, "Leader election on");
-            let elector = LeaderElector::new(k.clone(), cfg.lease.clone(), identity, ready.clone());
+            let elector =
+                LeaderElector::new(k.clone(), cfg.lease.clone(), identity, leader.clone());
             tokio::spawn(elector.run());
         }
         _ => {
-            ready.store(true, Ordering::SeqCst);
+            leader.store(true, Ordering::SeqCst);
             metrics.is_leader.set(1);
         }
     }
 
-    let (tx, mut rx) = mpsc::channel::<Vec<crate::alerts::Alert>>(cfg.queue_capacity);
-    let store = Arc::new(Mutex::new(AlertStore::new(cfg.max_alerts)));
+    let (tx, mut rx) = mpsc::channel::<webhook::Batch>(cfg.queue_capacity);
+    let store = Arc::new(Mutex::new(AlertStore::new(StoreLimits::from(&cfg))));
     let wake = Arc::new(Notify::new());
     // Nodes that received alert changes since the last pass: a wake-up advances only these.
     let dirty: Arc<Mutex<HashSet<String>>> = Arc::default();
@@ -221,20 +222,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let dirty = dirty.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            while let Some(batch) = rx.recv().await {
+            while let Some(webhook::Batch { alerts, permit }) = rx.recv().await {
                 metrics.queue_depth.dec();
                 let mut changed = Vec::new();
                 {
                     let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
-                    for a in batch {
+                    let now = Timestamp::now();
+                    for a in alerts {
                         let node = a.node().map(str::to_owned);
-                        if s.apply(a) == Applied::Changed
-                            && let Some(n) = node
-                        {
-                            changed.push(n);
+                        match s.apply(a, now) {
+                            Applied::Changed => changed.extend(node),
+                            Applied::Rejected => metrics
+                                .alerts_dropped
+                                .with_label_values(&["store_full"])
+                                .inc(),
+                            Applied::Duplicate | Applied::Stale => {}
                         }
                     }
+                    // Every replica's store, not only the leader's, forgets stale alerts.
+                    s.expire(now);
                 }
+                drop(permit);
                 if !changed.is_empty() {
                     dirty
                         .lock()
@@ -257,10 +265,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             metrics.clone(),
             store,
         )
-        .with_leadership(ready.clone()),
+        .with_leadership(leader.clone()),
     );
     {
-        let ready = ready.clone();
         let executor = executor.clone();
         tokio::spawn(async move {
             let mut next_full = Instant::now();
@@ -270,7 +277,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     () = wake.notified() => {}
                     () = tokio::time::sleep(wait) => {}
                 }
-                if !ready.load(Ordering::SeqCst) {
+                if !leader.load(Ordering::SeqCst) {
                     next_full = Instant::now() + interval;
                     continue;
                 }
@@ -288,10 +295,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         });
     }
 
-    let state = AppState::new(&token, tx, metrics, ready, webhook::DEFAULT_BODY_LIMIT);
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = AppState::new(
+        &token,
+        tx,
+        metrics,
+        ready.clone(),
+        webhook::DEFAULT_BODY_LIMIT,
+        cfg.max_queue_bytes,
+    );
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
+    ready.store(true, Ordering::SeqCst);
     tracing::info!(address = %addr, dry_run = cfg.dry_run, "Serving webhook and metrics");
     axum::serve(listener, webhook::router(state))
         .with_graceful_shutdown(shutdown())

@@ -108,6 +108,8 @@ impl Executor {
         };
         let listed = &listed;
         let now = Timestamp::now();
+        // Forget what Alertmanager stopped re-sending before planning on it (I4).
+        self.store().expire(now);
         let alerts = self.store().snapshot();
         let plan = planner::plan(&alerts, &self.catalog, &self.config, &view, now);
         self.update_gauges(&plan, &view);
@@ -162,10 +164,6 @@ impl Executor {
                     }
                 })
                 .await;
-        }
-        let gc_before = now.as_second() - 3600;
-        if let Ok(ts) = Timestamp::from_second(gc_before) {
-            self.store().gc(ts);
         }
         Ok(plan)
     }
