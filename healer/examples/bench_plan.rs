@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use ark_healer::alerts::{Alert, AlertStatus, AlertStore};
+use ark_healer::alerts::{Alert, AlertStatus, AlertStore, StoreLimits};
 use ark_healer::catalog::Catalog;
 use ark_healer::config::Config;
 use ark_healer::planner::{ClusterView, NodeView, PlanInput, plan};
@@ -73,9 +73,10 @@ fn main() -> anyhow::Result<()> {
     let mut times = Vec::new();
     for _ in 0..21 {
         let t = Instant::now();
-        let mut store = AlertStore::new(200_000);
+        let mut store = AlertStore::new(StoreLimits::from(&config));
+        let now = jiff::Timestamp::now();
         for a in alerts.iter().cloned() {
-            store.apply(a);
+            store.apply(a, now);
         }
         let snapshot = store.snapshot();
         let p = plan(&PlanInput {

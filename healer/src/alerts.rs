@@ -1,15 +1,27 @@
 //! Alertmanager input: the webhook payload (format version 4) and the `/api/v2/alerts` dump the
-//! `plan` CLI also accepts, normalised into [`Alert`]; and [`AlertStore`], the in-memory set of
-//! open alerts, deduplicated by fingerprint and immune to out-of-order delivery.
+//! `plan` CLI also accepts, normalised into [`Alert`] and clipped to fixed sizes ([`clip`]); and
+//! [`AlertStore`], the in-memory set of open alerts, deduplicated by fingerprint, immune to
+//! out-of-order delivery and bounded in bytes ([`store`]).
+//!
+//! Tolerant reader: Alertmanager evolves on its own, so fields we do not know are ignored; the
+//! ones we use (`version`, `status`, `labels`, `startsAt`, `endsAt`, `alerts`) are required and
+//! checked. Rejecting an unknown field would answer 400, which Alertmanager never retries: one
+//! Alertmanager upgrade would silently stop all remediation.
 //!
 //! Pure: no I/O here.
 
-use std::collections::{BTreeMap, HashMap};
+pub mod clip;
+pub mod store;
+
+use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
+
+pub use clip::Clipped;
+pub use store::{AlertStore, Applied, ConditionState, Expired, StoreLimits};
 
 /// `firing` or `resolved`, as Alertmanager writes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,10 +31,10 @@ pub enum AlertStatus {
     Resolved,
 }
 
-/// One alert of a webhook payload. Unknown fields are rejected: the payload format is versioned
-/// and a field we do not know means we are not reading what we think we are.
+/// One alert of a webhook payload. Unknown fields are ignored (tolerant reader, see the module
+/// docs); `status`, `labels`, `startsAt` and `endsAt` are required.
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct WebhookAlert {
     pub status: AlertStatus,
     pub labels: BTreeMap<String, String>,
@@ -37,9 +49,10 @@ pub struct WebhookAlert {
     pub fingerprint: String,
 }
 
-/// Alertmanager webhook body, format version 4.
+/// Alertmanager webhook body, format version 4. Unknown fields are ignored; `version` (checked by
+/// [`parse_webhook`]), `status` and `alerts` are required.
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct WebhookPayload {
     pub version: String,
     #[serde(default)]
@@ -81,7 +94,16 @@ struct V2Status {
     state: String,
 }
 
-/// An alert as the healer uses it.
+/// Bytes one label or annotation costs beyond its key and value: two `String` headers and a share
+/// of its `BTreeMap` node.
+pub const ENTRY_OVERHEAD: usize = 64;
+
+/// Bytes one alert costs in the [`AlertStore`] beyond its strings: the `Alert` itself, the store's
+/// entry (receipt time, sizes), its hash-table slot and its age-index node.
+/// `overheads_cover_the_structures` checks it against the real sizes.
+pub const ALERT_OVERHEAD: usize = 320;
+
+/// An alert as the healer uses it. Built from Alertmanager's input it is clipped ([`clip`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Alert {
     pub fingerprint: String,
@@ -105,6 +127,32 @@ impl Alert {
             .get("condition")
             .map(String::as_str)
             .filter(|c| !c.is_empty())
+    }
+
+    /// What keeping this alert costs the [`AlertStore`], approximately: every string's length plus
+    /// fixed overheads ([`ENTRY_OVERHEAD`] per label and annotation, [`ALERT_OVERHEAD`] per
+    /// alert). The fingerprint counts three times: the alert, the store's map key and its age
+    /// index each hold a copy.
+    pub fn bytes(&self) -> usize {
+        let map = |m: &BTreeMap<String, String>| -> usize {
+            m.iter()
+                .map(|(k, v)| k.len() + v.len() + ENTRY_OVERHEAD)
+                .sum()
+        };
+        ALERT_OVERHEAD + 3 * self.fingerprint.len() + map(&self.labels) + map(&self.annotations)
+    }
+
+    /// The healer's alert for a webhook alert, clipped to the limits of [`clip`], and what was
+    /// clipped (the webhook counts it).
+    pub fn from_webhook(a: WebhookAlert) -> (Alert, Clipped) {
+        clipped(
+            a.fingerprint,
+            a.status,
+            a.labels,
+            a.annotations,
+            a.starts_at,
+            non_zero(a.ends_at),
+        )
     }
 
     /// Human-readable reason for a ticket: the `summary` annotation, else the labels that matter.
@@ -135,38 +183,42 @@ fn non_zero(ts: Timestamp) -> Option<Timestamp> {
     }
 }
 
-/// A stable fingerprint for alerts that come without one (hand-written plan input).
-fn fingerprint_of(labels: &BTreeMap<String, String>) -> String {
-    // FNV-1a: stable across runs and platforms, unlike `DefaultHasher`.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for (k, v) in labels {
-        for b in k.bytes().chain([0xff]).chain(v.bytes()).chain([0xfe]) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    format!("{h:016x}")
+/// Clips what Alertmanager sent into an [`Alert`]. The fingerprint is derived from the labels as
+/// sent (before clipping) when there is none, so that distinct alerts keep distinct fingerprints.
+fn clipped(
+    fingerprint: String,
+    status: AlertStatus,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+    starts_at: Timestamp,
+    ends_at: Option<Timestamp>,
+) -> (Alert, Clipped) {
+    let mut c = Clipped::default();
+    let fingerprint = if fingerprint.is_empty() {
+        clip::fingerprint_of(&labels)
+    } else {
+        clip::fingerprint(fingerprint, &mut c)
+    };
+    let alert = Alert {
+        fingerprint,
+        status,
+        labels: clip::entries(labels, &mut c),
+        annotations: clip::entries(annotations, &mut c),
+        starts_at,
+        ends_at,
+    };
+    (alert, c)
 }
 
 impl From<WebhookAlert> for Alert {
+    /// [`Alert::from_webhook`], forgetting what was clipped.
     fn from(a: WebhookAlert) -> Self {
-        let fingerprint = if a.fingerprint.is_empty() {
-            fingerprint_of(&a.labels)
-        } else {
-            a.fingerprint
-        };
-        Alert {
-            fingerprint,
-            status: a.status,
-            labels: a.labels,
-            annotations: a.annotations,
-            starts_at: a.starts_at,
-            ends_at: non_zero(a.ends_at),
-        }
+        Alert::from_webhook(a).0
     }
 }
 
-/// Parses and validates a webhook body. Strict: version must be "4" and every alert well-formed.
+/// Parses and validates a webhook body: version must be "4" and every alert must have the fields
+/// we use, well-formed; unknown fields are ignored.
 pub fn parse_webhook(body: &[u8]) -> Result<WebhookPayload> {
     let payload: WebhookPayload = serde_json::from_slice(body).map_err(|e| Error::Payload {
         message: e.to_string(),
@@ -191,6 +243,7 @@ pub fn parse_alert_file(body: &[u8]) -> Result<Vec<Alert>> {
         let dump: Vec<V2Alert> = serde_json::from_value(value).map_err(|e| Error::Payload {
             message: format!("not an /api/v2/alerts dump: {e}"),
         })?;
+        let now = Timestamp::now();
         Ok(dump
             .into_iter()
             .map(|a| {
@@ -198,24 +251,21 @@ pub fn parse_alert_file(body: &[u8]) -> Result<Vec<Alert>> {
                 // v2 states are unprocessed/active/suppressed: all still open. An alert whose
                 // endsAt has passed is resolved whatever the dump says.
                 let resolved = a.status.as_ref().is_some_and(|s| s.state == "resolved")
-                    || ends_at.is_some_and(|e| e <= Timestamp::now());
-                let fingerprint = if a.fingerprint.is_empty() {
-                    fingerprint_of(&a.labels)
+                    || ends_at.is_some_and(|e| e <= now);
+                let status = if resolved {
+                    AlertStatus::Resolved
                 } else {
-                    a.fingerprint
+                    AlertStatus::Firing
                 };
-                Alert {
-                    fingerprint,
-                    status: if resolved {
-                        AlertStatus::Resolved
-                    } else {
-                        AlertStatus::Firing
-                    },
-                    labels: a.labels,
-                    annotations: a.annotations,
-                    starts_at: a.starts_at,
+                clipped(
+                    a.fingerprint,
+                    status,
+                    a.labels,
+                    a.annotations,
+                    a.starts_at,
                     ends_at,
-                }
+                )
+                .0
             })
             .collect())
     } else {
@@ -227,135 +277,6 @@ pub fn parse_alert_file(body: &[u8]) -> Result<Vec<Alert>> {
             .into_iter()
             .map(Alert::from)
             .collect())
-    }
-}
-
-/// See [`AlertStore::condition_state`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConditionState {
-    Firing,
-    Resolved,
-    Unknown,
-}
-
-/// What [`AlertStore::apply`] did with one alert.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
-    /// New or changed state (a new firing occurrence, or a resolution).
-    Changed,
-    /// Same state as already known: a re-send or a duplicate.
-    Duplicate,
-    /// Older than what we know (out-of-order delivery): ignored.
-    Stale,
-}
-
-/// Open alerts by fingerprint. Ordering rule, so that duplicated and out-of-order firing/resolved
-/// pairs converge: a later `startsAt` is a new occurrence and wins; for the same `startsAt`,
-/// `resolved` wins over `firing` (resolution is final for that occurrence).
-#[derive(Debug, Default)]
-pub struct AlertStore {
-    alerts: HashMap<String, Alert>,
-    /// When each entry was last changed here (not Alertmanager's times, which may be old).
-    received: HashMap<String, Timestamp>,
-    max_entries: usize,
-}
-
-impl AlertStore {
-    pub fn new(max_entries: usize) -> Self {
-        AlertStore {
-            alerts: HashMap::new(),
-            received: HashMap::new(),
-            max_entries,
-        }
-    }
-
-    pub fn apply(&mut self, alert: Alert) -> Applied {
-        match self.alerts.get(&alert.fingerprint) {
-            Some(known) => {
-                if alert.starts_at < known.starts_at {
-                    return Applied::Stale;
-                }
-                if alert.starts_at == known.starts_at {
-                    match (known.status, alert.status) {
-                        (AlertStatus::Resolved, AlertStatus::Firing) => return Applied::Stale,
-                        (a, b) if a == b => return Applied::Duplicate,
-                        _ => {}
-                    }
-                }
-            }
-            None => {
-                if self.alerts.len() >= self.max_entries {
-                    self.evict_resolved();
-                    if self.alerts.len() >= self.max_entries {
-                        return Applied::Stale;
-                    }
-                }
-            }
-        }
-        self.received
-            .insert(alert.fingerprint.clone(), Timestamp::now());
-        self.alerts.insert(alert.fingerprint.clone(), alert);
-        Applied::Changed
-    }
-
-    fn evict_resolved(&mut self) {
-        self.alerts.retain(|_, a| a.status == AlertStatus::Firing);
-        let alerts = &self.alerts;
-        self.received.retain(|fp, _| alerts.contains_key(fp));
-    }
-
-    /// Forgets resolved alerts received before `before`; they only served to reject stale
-    /// re-deliveries and to tell "resolved" from "never heard of".
-    pub fn gc(&mut self, before: Timestamp) {
-        let received = &self.received;
-        self.alerts.retain(|fp, a| {
-            a.status == AlertStatus::Firing || received.get(fp).is_none_or(|r| *r >= before)
-        });
-        let alerts = &self.alerts;
-        self.received.retain(|fp, _| alerts.contains_key(fp));
-    }
-
-    pub fn firing(&self) -> impl Iterator<Item = &Alert> {
-        self.alerts
-            .values()
-            .filter(|a| a.status == AlertStatus::Firing)
-    }
-
-    /// Is `condition` firing on `node`?
-    pub fn is_firing(&self, node: &str, condition: &str) -> bool {
-        self.firing()
-            .any(|a| a.node() == Some(node) && a.condition() == Some(condition))
-    }
-
-    /// State of the alerts on `node` for which `is_condition` holds: any firing → Firing; else any
-    /// resolved → Resolved; else Unknown (nothing heard, e.g. just after a restart).
-    pub fn condition_state(
-        &self,
-        node: &str,
-        is_condition: impl Fn(&Alert) -> bool,
-    ) -> ConditionState {
-        let mut state = ConditionState::Unknown;
-        for a in self.alerts.values() {
-            if a.node() == Some(node) && is_condition(a) {
-                match a.status {
-                    AlertStatus::Firing => return ConditionState::Firing,
-                    AlertStatus::Resolved => state = ConditionState::Resolved,
-                }
-            }
-        }
-        state
-    }
-
-    pub fn len(&self) -> usize {
-        self.alerts.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.alerts.is_empty()
-    }
-
-    pub fn snapshot(&self) -> Vec<Alert> {
-        self.alerts.values().cloned().collect()
     }
 }
 
@@ -386,23 +307,59 @@ mod tests {
     }
 
     #[test]
-    fn rejects_wrong_version_unknown_fields_and_truncated_json() {
+    fn accepts_unknown_fields_top_level_and_per_alert() {
+        // What an Alertmanager upgrade may add: new top-level and per-alert fields, of any type.
+        let unknown = SAMPLE
+            .replace("\"receiver\"", "\"surprise\": 1, \"nested\": {\"a\": [1, null]}, \"receiver\"")
+            .replace(
+                "\"fingerprint\": \"abc123\"",
+                "\"fingerprint\": \"abc123\", \"silencedBy\": [], \"updatedAt\": \"2026-11-22T10:00:01Z\"",
+            );
+        assert_ne!(unknown, SAMPLE);
+        let p = parse_webhook(unknown.as_bytes()).unwrap();
+        assert_eq!(p.alerts.len(), 1);
+        assert_eq!(Alert::from(p.alerts[0].clone()).fingerprint, "abc123");
+        assert_eq!(parse_alert_file(unknown.as_bytes()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn rejects_wrong_version_missing_required_fields_and_truncated_json() {
+        let err = |body: &str| match parse_webhook(body.as_bytes()) {
+            Err(Error::Payload { message }) => message,
+            other => panic!("accepted {body}: {other:?}"),
+        };
         let wrong = SAMPLE.replace("\"version\": \"4\"", "\"version\": \"3\"");
-        assert!(matches!(
-            parse_webhook(wrong.as_bytes()),
-            Err(Error::Payload { .. })
-        ));
-        let unknown = SAMPLE.replace("\"receiver\"", "\"surprise\": 1, \"receiver\"");
-        assert!(parse_webhook(unknown.as_bytes()).is_err());
+        assert!(err(&wrong).contains("version"));
+        // Every field we use is required, and the error names it.
+        for (field, without) in [
+            ("version", SAMPLE.replace("\"version\": \"4\",", "")),
+            ("alerts", SAMPLE.replace("\"alerts\": [", "\"alertz\": [")),
+            ("labels", SAMPLE.replacen("\"labels\"", "\"labelz\"", 1)),
+            ("startsAt", SAMPLE.replace("\"startsAt\"", "\"startedAt\"")),
+            ("endsAt", SAMPLE.replace("\"endsAt\"", "\"endedAt\"")),
+            (
+                "status",
+                SAMPLE.replace("\"status\": \"firing\",\n        \"labels\"", "\"labels\""),
+            ),
+        ] {
+            assert_ne!(without, SAMPLE, "{field}");
+            let message = err(&without);
+            assert!(
+                message.contains(&format!("missing field `{field}`")),
+                "{message}"
+            );
+        }
         let truncated = &SAMPLE.as_bytes()[..SAMPLE.len() / 2];
         assert!(parse_webhook(truncated).is_err());
         let bad_status = SAMPLE.replace(
             "\"status\": \"firing\",\n        \"labels\"",
             "\"status\": \"burning\", \"labels\"",
         );
-        assert!(parse_webhook(bad_status.as_bytes()).is_err());
+        assert!(err(&bad_status).contains("burning"));
         let bad_time = SAMPLE.replace("2026-11-22T10:00:00Z", "yesterday");
         assert!(parse_webhook(bad_time.as_bytes()).is_err());
+        let bad_label = SAMPLE.replace("\"xid\": \"79\"", "\"xid\": 79");
+        assert!(parse_webhook(bad_label.as_bytes()).is_err());
     }
 
     #[test]
@@ -419,80 +376,65 @@ mod tests {
         assert_eq!(alerts[0].fingerprint, "abc123");
     }
 
-    fn alert(fp: &str, status: AlertStatus, starts: &str) -> Alert {
-        Alert {
-            fingerprint: fp.into(),
-            status,
-            labels: [
-                ("node".to_owned(), "n1".to_owned()),
-                ("condition".to_owned(), "GpuHung".to_owned()),
-            ]
-            .into(),
-            annotations: BTreeMap::new(),
-            starts_at: starts.parse().unwrap(),
-            ends_at: None,
+    #[test]
+    fn v2_dump_is_clipped_too() {
+        let big = "x".repeat(5000);
+        let dump = format!(
+            r#"[{{"labels": {{"node": "n2", "condition": "GpuHung", "big": "{big}"}},
+                "startsAt": "2026-11-22T10:00:00Z", "fingerprint": "{big}"}}]"#
+        );
+        let a = &parse_alert_file(dump.as_bytes()).unwrap()[0];
+        assert_eq!(a.labels["big"].len(), clip::MAX_VALUE_BYTES);
+        assert_eq!(a.fingerprint.len(), 16);
+        assert_eq!(a.node(), Some("n2"));
+    }
+
+    #[test]
+    fn webhook_alert_is_clipped_and_what_was_clipped_is_said() {
+        let mut w = parse_webhook(SAMPLE.as_bytes()).unwrap().alerts.remove(0);
+        let (a, c) = Alert::from_webhook(w.clone());
+        assert_eq!(c, Clipped::default());
+        assert_eq!(a.fingerprint, "abc123");
+        w.fingerprint = "f".repeat(5000);
+        w.annotations.insert("description".into(), "d".repeat(5000));
+        for i in 0..100 {
+            w.labels.insert(format!("extra{i:03}"), "v".into());
         }
+        let (a, c) = Alert::from_webhook(w);
+        assert_eq!(a.labels.len(), clip::MAX_ENTRIES);
+        assert_eq!(a.node(), Some("n1"));
+        assert_eq!(a.annotations["description"].len(), clip::MAX_VALUE_BYTES);
+        assert_eq!(a.fingerprint.len(), 16);
+        assert!(c.fingerprint);
+        assert_eq!(c.dropped, 106 - clip::MAX_ENTRIES);
+        assert_eq!(c.cut, 1);
+        assert_eq!(c.fields(), 106 - clip::MAX_ENTRIES + 2);
     }
 
     #[test]
-    fn store_dedups_and_ignores_out_of_order() {
-        let mut s = AlertStore::new(100);
-        let t0 = "2026-11-22T10:00:00Z";
-        assert_eq!(
-            s.apply(alert("a", AlertStatus::Firing, t0)),
-            Applied::Changed
-        );
-        assert_eq!(
-            s.apply(alert("a", AlertStatus::Firing, t0)),
-            Applied::Duplicate
-        );
-        assert!(s.is_firing("n1", "GpuHung"));
-        assert_eq!(
-            s.apply(alert("a", AlertStatus::Resolved, t0)),
-            Applied::Changed
-        );
-        // The firing notification of the same occurrence arriving late must not reopen it.
-        assert_eq!(s.apply(alert("a", AlertStatus::Firing, t0)), Applied::Stale);
-        assert!(!s.is_firing("n1", "GpuHung"));
-        // A new occurrence (later startsAt) reopens.
-        let t1 = "2026-11-22T11:00:00Z";
-        assert_eq!(
-            s.apply(alert("a", AlertStatus::Firing, t1)),
-            Applied::Changed
-        );
-        assert!(s.is_firing("n1", "GpuHung"));
-        // A resolution of the old occurrence arriving late is stale.
-        assert_eq!(
-            s.apply(alert("a", AlertStatus::Resolved, t0)),
-            Applied::Stale
-        );
-        assert!(s.is_firing("n1", "GpuHung"));
+    fn alert_bytes_counts_strings_and_overheads() {
+        let a = Alert::from(parse_webhook(SAMPLE.as_bytes()).unwrap().alerts.remove(0));
+        let strings: usize = a
+            .labels
+            .iter()
+            .chain(&a.annotations)
+            .map(|(k, v)| k.len() + v.len() + ENTRY_OVERHEAD)
+            .sum();
+        assert_eq!(a.bytes(), ALERT_OVERHEAD + 3 * "abc123".len() + strings);
+        let mut bigger = a.clone();
+        bigger.labels.insert("k".into(), "v".repeat(100));
+        assert_eq!(bigger.bytes(), a.bytes() + 1 + 100 + ENTRY_OVERHEAD);
     }
 
     #[test]
-    fn store_is_bounded() {
-        let mut s = AlertStore::new(2);
-        s.apply(alert("a", AlertStatus::Firing, "2026-11-22T10:00:00Z"));
-        s.apply(alert("b", AlertStatus::Resolved, "2026-11-22T10:00:00Z"));
-        assert_eq!(
-            s.apply(alert("c", AlertStatus::Firing, "2026-11-22T10:00:00Z")),
-            Applied::Changed
-        );
-        assert_eq!(
-            s.apply(alert("d", AlertStatus::Firing, "2026-11-22T10:00:00Z")),
-            Applied::Stale
-        );
-        assert_eq!(s.len(), 2);
-    }
-
-    #[test]
-    fn gc_uses_receipt_time_not_alert_time() {
-        let mut s = AlertStore::new(10);
-        // Alertmanager times far in the past: still kept, we just received it.
-        s.apply(alert("a", AlertStatus::Resolved, "2020-01-01T00:00:00Z"));
-        s.gc(Timestamp::now() - jiff::SignedDuration::from_secs(3600));
-        assert_eq!(s.len(), 1);
-        s.gc(Timestamp::now() + jiff::SignedDuration::from_secs(1));
-        assert_eq!(s.len(), 0);
+    fn overheads_cover_the_structures() {
+        use std::mem::size_of;
+        // A String header per key and value; a BTreeMap node holds up to 11 entries plus its own
+        // header, so a share of it is well under the remaining 16 bytes per entry.
+        assert!(2 * size_of::<String>() + 16 <= ENTRY_OVERHEAD);
+        // The alert, the store's map key and index entry (a String header each, the string
+        // itself is counted by `bytes`), its receipt time and sizes, and hash/tree slots.
+        let entry = size_of::<Alert>() + 2 * size_of::<String>() + 3 * size_of::<Timestamp>();
+        assert!(entry + 64 <= ALERT_OVERHEAD, "{entry}");
     }
 }

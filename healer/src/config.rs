@@ -36,8 +36,21 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     /// Webhook payloads waiting to be processed; a full queue answers 503.
     pub queue_capacity: usize,
+    /// Webhook payloads waiting to be processed, in bytes (the larger of the body and what its
+    /// alerts take in memory, counted in KiB); over it the webhook answers 503, which
+    /// Alertmanager retries.
+    pub max_queue_bytes: usize,
     /// Upper bound of alerts kept in memory (firing + recently resolved).
     pub max_alerts: usize,
+    /// Byte budget of the alerts kept in memory (their labels, annotations and fingerprint, clipped
+    /// on receipt, plus a fixed overhead each). When full, resolved alerts are evicted, oldest
+    /// first; a new alert that still does not fit is dropped
+    /// (`ark_healer_alerts_dropped_total{reason="store_full"}`).
+    pub max_alert_bytes: usize,
+    /// A firing alert that Alertmanager has not re-sent for this long is forgotten: it re-sends
+    /// every firing alert on `repeat_interval`, so keep this a few times larger than that
+    /// (the shipped route uses 15m).
+    pub alert_expiry_seconds: u64,
     /// How often open tickets are advanced without a new alert.
     pub reconcile_interval_seconds: u64,
     /// Nodes worked on concurrently.
@@ -124,7 +137,10 @@ impl Default for Config {
             jobs_dir: None,
             audit_log: None,
             queue_capacity: 1024,
+            max_queue_bytes: 16 << 20,
             max_alerts: 200_000,
+            max_alert_bytes: 64 << 20,
+            alert_expiry_seconds: 7200,
             reconcile_interval_seconds: 5,
             max_concurrent_nodes: 16,
             lease: Lease::default(),
@@ -220,9 +236,16 @@ impl Config {
         let cfg: Config = fig.extract().map_err(|e| Error::Config {
             message: e.to_string(),
         })?;
-        if cfg.queue_capacity == 0 || cfg.max_concurrent_nodes == 0 || cfg.kube.max_attempts == 0 {
+        if cfg.queue_capacity == 0
+            || cfg.max_queue_bytes == 0
+            || cfg.max_alert_bytes == 0
+            || cfg.alert_expiry_seconds == 0
+            || cfg.max_concurrent_nodes == 0
+            || cfg.kube.max_attempts == 0
+        {
             return Err(Error::Config {
-                message: "queue_capacity, max_concurrent_nodes and kube.max_attempts must be > 0"
+                message: "queue_capacity, max_queue_bytes, max_alert_bytes, alert_expiry_seconds, \
+                          max_concurrent_nodes and kube.max_attempts must be > 0"
                     .into(),
             });
         }
@@ -287,6 +310,44 @@ mod tests {
             jail.set_env("ARK_BUDGET__MAX_UNSCHEDULABEL", "3");
             let e = Config::load(None).unwrap_err();
             assert!(e.to_string().contains("max_unschedulabel"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's own closure signature
+    fn alert_bounds_defaults_file_and_env() {
+        figment::Jail::expect_with(|jail| {
+            let d = Config::load(None).unwrap();
+            assert_eq!(d.alert_expiry_seconds, 7200);
+            assert_eq!(d.max_alert_bytes, 67_108_864);
+            assert_eq!(d.max_queue_bytes, 16_777_216);
+
+            jail.create_file(
+                "healer.toml",
+                "alert_expiry_seconds = 3600\nmax_alert_bytes = 1048576\nmax_queue_bytes = 65536\n",
+            )?;
+            let c = Config::load(Some(Path::new("healer.toml"))).unwrap();
+            assert_eq!(c.alert_expiry_seconds, 3600);
+            assert_eq!(c.max_alert_bytes, 1 << 20);
+            assert_eq!(c.max_queue_bytes, 64 << 10);
+            // The environment wins over the file.
+            jail.set_env("ARK_MAX_ALERT_BYTES", "2097152");
+            jail.set_env("ARK_ALERT_EXPIRY_SECONDS", "900");
+            let c = Config::load(Some(Path::new("healer.toml"))).unwrap();
+            assert_eq!(c.max_alert_bytes, 2 << 20);
+            assert_eq!(c.alert_expiry_seconds, 900);
+            assert_eq!(c.max_queue_bytes, 64 << 10);
+
+            jail.set_env("ARK_MAX_QUEUE_BYTES", "0");
+            let e = Config::load(None).unwrap_err();
+            assert!(e.to_string().contains("max_queue_bytes"), "{e}");
+            jail.set_env("ARK_MAX_QUEUE_BYTES", "lots");
+            assert!(Config::load(None).is_err());
+            jail.set_env("ARK_MAX_QUEUE_BYTES", "1024");
+            jail.create_file("typo.toml", "alert_expiry_second = 60\n")?;
+            let e = Config::load(Some(Path::new("typo.toml"))).unwrap_err();
+            assert!(e.to_string().contains("alert_expiry_second"), "{e}");
             Ok(())
         });
     }

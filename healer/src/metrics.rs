@@ -1,8 +1,8 @@
 //! The healer's metrics, in an explicit registry (never the global default).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::{Error, Result};
@@ -15,6 +15,10 @@ pub struct Metrics {
     pub tickets_open: IntGauge,
     pub condition_nodes: IntGaugeVec,
     pub alerts_received: IntCounterVec,
+    /// Alerts not stored, by reason (`store_full`: the byte or count budget of the alert store).
+    pub alerts_dropped: IntCounterVec,
+    /// Labels, annotations, keys, values and fingerprints clipped on receipt.
+    pub alert_fields_clipped: IntCounter,
     pub actions_blocked: IntCounterVec,
     pub webhook_requests: IntCounterVec,
     pub queue_depth: IntGauge,
@@ -82,6 +86,31 @@ impl Metrics {
                         "Alerts received by status.",
                     ),
                     &["status"],
+                )
+                .map_err(m)?,
+            )?,
+            alerts_dropped: {
+                let c = reg(
+                    registry,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "ark_healer_alerts_dropped_total",
+                            "Alerts received but not stored, by reason.",
+                        ),
+                        &["reason"],
+                    )
+                    .map_err(m)?,
+                )?;
+                // Exported at 0 from the start, so that rate() and alerts see the first drop.
+                c.with_label_values(&["store_full"]);
+                c
+            },
+            alert_fields_clipped: reg(
+                registry,
+                IntCounter::new(
+                    "ark_healer_alert_fields_clipped_total",
+                    "Alert labels, annotations, keys, values and fingerprints clipped to their \
+                     size limits on receipt.",
                 )
                 .map_err(m)?,
             )?,

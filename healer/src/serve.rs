@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::Node;
 use tokio::sync::{Notify, mpsc};
 
 use crate::alertmanager::Alertmanager;
-use crate::alerts::{Alert, AlertStatus, AlertStore, Applied};
+use crate::alerts::{Alert, AlertStatus, AlertStore, Applied, StoreLimits};
 use crate::audit::Audit;
 use crate::catalog::Catalog;
 use crate::config::Config;
@@ -36,8 +36,6 @@ pub const TOKEN_ENV: &str = "ARK_HEALER_WEBHOOK_TOKEN";
 /// Alertmanager re-sends firing alerts on `repeat_interval`, so silence right after a restart
 /// proves nothing.
 const STARTUP_GRACE: Duration = Duration::from_secs(300);
-/// Resolved alerts are kept this long (they reject stale re-deliveries).
-const RESOLVED_KEEP_SECONDS: i64 = 3600;
 
 /// Flags of `serve` (how the process runs).
 #[derive(Debug, Clone)]
@@ -125,6 +123,8 @@ impl Loop {
             None => (ClusterView::default(), HashMap::new()),
         };
         let now = Timestamp::now();
+        // I4: a firing alert Alertmanager stopped re-sending is forgotten before planning.
+        self.store().expire(now);
         let alerts = self.store().snapshot();
         let mut plan = planner::plan(&PlanInput {
             alerts: &alerts,
@@ -136,9 +136,6 @@ impl Loop {
         });
         self.confirm(&mut plan, &alerts, only).await;
         self.executor.execute(&plan, &view, &listed, only).await;
-        if let Ok(before) = Timestamp::from_second(now.as_second() - RESOLVED_KEEP_SECONDS) {
-            self.store().gc(before);
-        }
         Ok(plan)
     }
 
@@ -154,6 +151,7 @@ impl Loop {
             let why = match am.confirms(&self.catalog, &p.node, &p.condition).await {
                 Ok(true) => continue,
                 Ok(false) => {
+                    let now = Timestamp::now();
                     let mut store = self.store();
                     for a in alerts
                         .iter()
@@ -161,7 +159,7 @@ impl Loop {
                     {
                         let mut resolved = a.clone();
                         resolved.status = AlertStatus::Resolved;
-                        store.apply(resolved);
+                        store.apply(resolved, now);
                     }
                     "Alertmanager does not list the alert as active: not acting on this replica's memory".to_owned()
                 }
@@ -228,8 +226,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
     };
 
-    let (tx, mut rx) = mpsc::channel::<Vec<Alert>>(cfg.queue_capacity);
-    let store = Arc::new(Mutex::new(AlertStore::new(cfg.max_alerts)));
+    let (tx, mut rx) = mpsc::channel::<webhook::Batch>(cfg.queue_capacity);
+    let store = Arc::new(Mutex::new(AlertStore::new(StoreLimits::from(&cfg))));
     let wake = Arc::new(Notify::new());
     // Nodes that received alert changes since the last pass: a wake-up advances only these.
     let dirty: Arc<Mutex<HashSet<String>>> = Arc::default();
@@ -239,20 +237,27 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let dirty = dirty.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            while let Some(batch) = rx.recv().await {
+            // Every replica stores what it receives (a standby that takes over has it).
+            while let Some(webhook::Batch { alerts, permit }) = rx.recv().await {
                 metrics.queue_depth.dec();
                 let mut changed = Vec::new();
                 {
+                    let now = Timestamp::now();
                     let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
-                    for a in batch {
+                    for a in alerts {
                         let node = a.node().map(str::to_owned);
-                        if s.apply(a) == Applied::Changed
-                            && let Some(n) = node
-                        {
-                            changed.push(n);
+                        match s.apply(a, now) {
+                            Applied::Changed => changed.extend(node),
+                            Applied::Rejected => metrics
+                                .alerts_dropped
+                                .with_label_values(&["store_full"])
+                                .inc(),
+                            Applied::Duplicate | Applied::Stale => {}
                         }
                     }
+                    s.expire(now);
                 }
+                drop(permit);
                 if !changed.is_empty() {
                     dirty
                         .lock()
@@ -279,6 +284,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         fence.clone(),
     );
     let dry_run = cfg.dry_run;
+    let cfg_queue_bytes = cfg.max_queue_bytes;
     let lp = Arc::new(Loop {
         catalog,
         config: cfg,
@@ -323,6 +329,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         metrics,
         ready.clone(),
         webhook::DEFAULT_BODY_LIMIT,
+        cfg_queue_bytes,
     );
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await

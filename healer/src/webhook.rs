@@ -1,11 +1,16 @@
 //! HTTP: `POST /api/v1/alerts` (Alertmanager webhook), `/healthz`, `/readyz`, `/metrics`.
 //!
-//! The webhook only authenticates, validates and enqueues (bounded), then answers 202: the work
-//! happens in the reconciler. Durability argument: a payload acknowledged and then lost in a crash
-//! is not lost for good, because Alertmanager re-sends every firing alert of a group on
+//! The webhook only authenticates, validates, clips and enqueues (bounded), then answers 202: the
+//! work happens in the reconciler. Durability argument: a payload acknowledged and then lost in a
+//! crash is not lost for good, because Alertmanager re-sends every firing alert of a group on
 //! `repeat_interval` (and on any change of the group after `group_interval`), and everything the
 //! healer already did is in the node's ticket annotation, from which a restarted healer resumes.
-//! A full queue answers 503, which Alertmanager retries.
+//!
+//! The queue is bounded in count (`queue_capacity`) and in bytes (`max_queue_bytes`): each
+//! queued [`Batch`] holds semaphore permits for its size (one per KiB) until it has been applied.
+//! A full queue answers 503, which Alertmanager retries. Every 4xx is the sender's problem and is
+//! logged at WARN with its reason, never the body: a 400 is not retried by Alertmanager, so a
+//! silent one would stop remediation unseen.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,21 +22,40 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::alerts::{Alert, parse_webhook};
+use crate::alerts::clip::clipped_str;
+use crate::alerts::{Alert, AlertStatus, parse_webhook};
 use crate::metrics::Metrics;
 
 /// Default request body limit: 1 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
 
+/// Bytes of queue one semaphore permit stands for.
+pub const QUEUE_PERMIT_BYTES: usize = 1024;
+
+/// Longest reason written to the log for a rejected request.
+const MAX_LOGGED_REASON: usize = 256;
+
+/// The alerts of one accepted webhook request, on their way to the store. `permit` holds this
+/// batch's share of `max_queue_bytes`: drop it once the alerts are applied, not before.
+#[derive(Debug)]
+pub struct Batch {
+    pub alerts: Vec<Alert>,
+    pub permit: OwnedSemaphorePermit,
+}
+
 #[derive(Clone)]
 pub struct AppState {
     token: Arc<[u8]>,
-    queue: mpsc::Sender<Vec<Alert>>,
+    queue: mpsc::Sender<Batch>,
+    /// One permit per [`QUEUE_PERMIT_BYTES`] of `max_queue_bytes`.
+    queue_bytes: Arc<Semaphore>,
+    queue_permits: u32,
     pub metrics: Metrics,
-    /// Ready = this replica acts (holds the Lease, or leader election is off). Non-leaders are
-    /// unready so the Service sends Alertmanager's notifications to the leader only.
+    /// Ready = this replica serves: set by the serve loop once it listens. Every replica stores
+    /// what it receives and only the leader acts (`ark_healer_is_leader`), so any replica may take
+    /// Alertmanager's notifications, and a rolling update is not held up by a standby.
     pub ready: Arc<AtomicBool>,
     body_limit: usize,
 }
@@ -39,23 +63,35 @@ pub struct AppState {
 impl AppState {
     pub fn new(
         token: &str,
-        queue: mpsc::Sender<Vec<Alert>>,
+        queue: mpsc::Sender<Batch>,
         metrics: Metrics,
         ready: Arc<AtomicBool>,
         body_limit: usize,
+        max_queue_bytes: usize,
     ) -> Self {
+        let permits = (max_queue_bytes / QUEUE_PERMIT_BYTES)
+            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         AppState {
             token: token.trim().as_bytes().into(),
             queue,
+            queue_bytes: Arc::new(Semaphore::new(permits)),
+            queue_permits: u32::try_from(permits).unwrap_or(u32::MAX),
             metrics,
             ready,
             body_limit,
         }
     }
+
+    /// Permits for `bytes` of queue: at least one per request. A batch larger than the whole
+    /// budget takes all of it, so it waits for an empty queue instead of never fitting.
+    fn permits_for(&self, bytes: usize) -> u32 {
+        let n = bytes.div_ceil(QUEUE_PERMIT_BYTES).max(1);
+        u32::try_from(n).unwrap_or(u32::MAX).min(self.queue_permits)
+    }
 }
 
-/// Errors of the HTTP layer; each is a response. 4xx are the client's problem and not logged as
-/// errors.
+/// Errors of the HTTP layer; each is a response. 4xx are the client's problem: logged at WARN,
+/// not as errors. 503 (queue full) is back-pressure that Alertmanager retries, also a WARN.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("missing or invalid bearer token")]
@@ -70,15 +106,21 @@ pub enum AppError {
     QueueFull,
 }
 
-impl IntoResponse for AppError {
-    fn into_response(self) -> Response {
-        let code = match &self {
+impl AppError {
+    fn status(&self) -> StatusCode {
+        match self {
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::QueueFull => StatusCode::SERVICE_UNAVAILABLE,
-        };
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let code = self.status();
         let mut resp = (code, axum::Json(json!({"error": self.to_string()}))).into_response();
         if matches!(self, AppError::Unauthorized) {
             resp.headers_mut()
@@ -109,7 +151,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
     if s.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not the leader\n").into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
     }
 }
 
@@ -126,7 +168,10 @@ async fn receive_alerts(State(s): State<AppState>, req: Request) -> Response {
     let resp = match result {
         Ok(n) => (StatusCode::ACCEPTED, axum::Json(json!({"accepted": n}))).into_response(),
         Err(e) => {
-            tracing::debug!(error = %e, "Webhook request rejected");
+            let reason = e.to_string();
+            let reason = clipped_str(&reason, MAX_LOGGED_REASON);
+            let code = e.status();
+            tracing::warn!(code = code.as_u16(), reason, "Webhook request rejected");
             e.into_response()
         }
     };
@@ -168,210 +213,43 @@ async fn accept(s: &AppState, req: Request) -> Result<usize, AppError> {
         .await
         .map_err(|_| AppError::PayloadTooLarge(s.body_limit))?;
     let payload = parse_webhook(&bytes).map_err(|e| AppError::BadRequest(e.to_string()))?;
-    let alerts: Vec<Alert> = payload.alerts.into_iter().map(Alert::from).collect();
+    let mut clipped = 0;
+    let alerts: Vec<Alert> = payload
+        .alerts
+        .into_iter()
+        .map(|a| {
+            let (a, c) = Alert::from_webhook(a);
+            clipped += c.fields();
+            a
+        })
+        .collect();
+    // What the queue holds is the alerts, which can take more memory than their JSON did.
+    let held = bytes.len().max(alerts.iter().map(Alert::bytes).sum());
+    drop(bytes);
+    let permit = s
+        .queue_bytes
+        .clone()
+        .try_acquire_many_owned(s.permits_for(held))
+        .map_err(|_| AppError::QueueFull)?;
     let n = alerts.len();
+    let (mut firing, mut resolved) = (0, 0);
     for a in &alerts {
-        let status = match a.status {
-            crate::alerts::AlertStatus::Firing => "firing",
-            crate::alerts::AlertStatus::Resolved => "resolved",
-        };
-        s.metrics.alerts_received.with_label_values(&[status]).inc();
+        match a.status {
+            AlertStatus::Firing => firing += 1,
+            AlertStatus::Resolved => resolved += 1,
+        }
     }
-    s.queue.try_send(alerts).map_err(|e| match e {
-        mpsc::error::TrySendError::Full(_) => AppError::QueueFull,
-        mpsc::error::TrySendError::Closed(_) => AppError::QueueFull,
-    })?;
+    // A full or closed channel hands the batch back; dropping it returns its permits.
+    s.queue
+        .try_send(Batch { alerts, permit })
+        .map_err(|_| AppError::QueueFull)?;
     s.metrics.queue_depth.inc();
+    let received = &s.metrics.alerts_received;
+    received.with_label_values(&["firing"]).inc_by(firing);
+    received.with_label_values(&["resolved"]).inc_by(resolved);
+    s.metrics.alert_fields_clipped.inc_by(clipped as u64);
     Ok(n)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use axum::http::Request as HttpRequest;
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
-
-    const SAMPLE: &str = r#"{"version":"4","groupKey":"g","truncatedAlerts":0,"status":"firing","receiver":"r","groupLabels":{},"commonLabels":{},"commonAnnotations":{},"externalURL":"http://am","alerts":[{"status":"firing","labels":{"node":"n1","condition":"GpuHung"},"annotations":{},"startsAt":"2026-11-22T10:00:00Z","endsAt":"0001-01-01T00:00:00Z","generatorURL":"","fingerprint":"f1"}]}"#;
-
-    fn state(cap: usize) -> (AppState, mpsc::Receiver<Vec<Alert>>) {
-        let (tx, rx) = mpsc::channel(cap);
-        let m = Metrics::register(&prometheus::Registry::new()).unwrap();
-        (
-            AppState::new(
-                "s3cret",
-                tx,
-                m,
-                Arc::new(AtomicBool::new(true)),
-                DEFAULT_BODY_LIMIT,
-            ),
-            rx,
-        )
-    }
-
-    fn post(body: impl Into<Body>, token: Option<&str>, ctype: Option<&str>) -> HttpRequest<Body> {
-        let mut b = HttpRequest::post("/api/v1/alerts");
-        if let Some(t) = token {
-            b = b.header("authorization", format!("Bearer {t}"));
-        }
-        if let Some(c) = ctype {
-            b = b.header("content-type", c);
-        }
-        b.body(body.into()).unwrap()
-    }
-
-    async fn send(s: &AppState, req: HttpRequest<Body>) -> (StatusCode, serde_json::Value) {
-        let resp = router(s.clone()).oneshot(req).await.unwrap();
-        let code = resp.status();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (
-            code,
-            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-        )
-    }
-
-    #[tokio::test]
-    async fn accepts_and_enqueues() {
-        let (s, mut rx) = state(4);
-        let (code, body) = send(&s, post(SAMPLE, Some("s3cret"), Some("application/json"))).await;
-        assert_eq!(code, StatusCode::ACCEPTED);
-        assert_eq!(body["accepted"], 1);
-        let got = rx.try_recv().unwrap();
-        assert_eq!(got[0].fingerprint, "f1");
-        let text = s.metrics.encode();
-        assert!(
-            text.contains("ark_healer_alerts_received_total{status=\"firing\"} 1"),
-            "{text}"
-        );
-        assert!(text.contains("ark_healer_webhook_requests_total{code=\"202\"} 1"));
-    }
-
-    #[tokio::test]
-    async fn auth_is_checked_first() {
-        let (s, mut rx) = state(4);
-        for token in [None, Some("wrong"), Some("s3cret-but-longer"), Some("")] {
-            let (code, body) = send(&s, post(SAMPLE, token, Some("application/json"))).await;
-            assert_eq!(code, StatusCode::UNAUTHORIZED, "{token:?}");
-            assert!(body["error"].as_str().unwrap().contains("token"));
-        }
-        // Even a bad body gets 401 without a token: nothing is parsed for strangers.
-        let (code, _) = send(&s, post("{", None, Some("text/plain"))).await;
-        assert_eq!(code, StatusCode::UNAUTHORIZED);
-        assert!(rx.try_recv().is_err());
-    }
-
-    #[tokio::test]
-    async fn wrong_content_type_is_415() {
-        let (s, _rx) = state(4);
-        for ct in [
-            None,
-            Some("text/plain"),
-            Some("application/x-www-form-urlencoded"),
-        ] {
-            let (code, _) = send(&s, post(SAMPLE, Some("s3cret"), ct)).await;
-            assert_eq!(code, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-        }
-        let (code, _) = send(
-            &s,
-            post(
-                SAMPLE,
-                Some("s3cret"),
-                Some("application/json; charset=utf-8"),
-            ),
-        )
-        .await;
-        assert_eq!(code, StatusCode::ACCEPTED);
-    }
-
-    #[tokio::test]
-    async fn malformed_json_is_400_with_a_json_error() {
-        let (s, mut rx) = state(4);
-        let bodies = [
-            "".to_owned(),
-            "{".to_owned(),
-            SAMPLE[..SAMPLE.len() - 10].to_owned(),
-            SAMPLE.replace("\"version\":\"4\"", "\"version\":\"5\""),
-            SAMPLE.replace("\"firing\",\"labels\"", "\"exploding\",\"labels\""),
-            "[]".to_owned(),
-            "null".to_owned(),
-        ];
-        for b in bodies {
-            let (code, body) = send(
-                &s,
-                post(b.clone(), Some("s3cret"), Some("application/json")),
-            )
-            .await;
-            assert_eq!(code, StatusCode::BAD_REQUEST, "{b}");
-            assert!(body["error"].is_string(), "{body}");
-        }
-        assert!(rx.try_recv().is_err());
-    }
-
-    #[tokio::test]
-    async fn oversized_body_is_413() {
-        let (s, _rx) = state(4);
-        // 100,000 alerts is far over 1 MiB.
-        let alert = r#"{"status":"firing","labels":{"node":"n1","condition":"GpuHung"},"annotations":{},"startsAt":"2026-11-22T10:00:00Z","endsAt":"0001-01-01T00:00:00Z","generatorURL":"","fingerprint":"f1"}"#;
-        let many = format!(
-            r#"{{"version":"4","status":"firing","alerts":[{}]}}"#,
-            vec![alert; 100_000].join(",")
-        );
-        let (code, body) = send(
-            &s,
-            post(many.clone(), Some("s3cret"), Some("application/json")),
-        )
-        .await;
-        assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
-        assert!(body["error"].is_string());
-        // Without a Content-Length (streamed body) the limit still holds.
-        let stream = futures::stream::iter(
-            many.into_bytes()
-                .chunks(64 * 1024)
-                .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
-                .collect::<Vec<_>>(),
-        );
-        let (code, _) = send(
-            &s,
-            post(
-                Body::from_stream(stream),
-                Some("s3cret"),
-                Some("application/json"),
-            ),
-        )
-        .await;
-        assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
-    }
-
-    #[tokio::test]
-    async fn full_queue_is_503() {
-        let (s, _rx) = state(1);
-        let req = || post(SAMPLE, Some("s3cret"), Some("application/json"));
-        assert_eq!(send(&s, req()).await.0, StatusCode::ACCEPTED);
-        assert_eq!(send(&s, req()).await.0, StatusCode::SERVICE_UNAVAILABLE);
-    }
-
-    #[tokio::test]
-    async fn health_ready_metrics() {
-        let (s, _rx) = state(1);
-        let get = |p: &str| HttpRequest::get(p).body(Body::empty()).unwrap();
-        let r = router(s.clone()).oneshot(get("/healthz")).await.unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
-        let r = router(s.clone()).oneshot(get("/readyz")).await.unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
-        s.ready.store(false, Ordering::Relaxed);
-        let r = router(s.clone()).oneshot(get("/readyz")).await.unwrap();
-        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let r = router(s.clone()).oneshot(get("/metrics")).await.unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
-        let body = r.into_body().collect().await.unwrap().to_bytes();
-        let text = String::from_utf8(body.to_vec()).unwrap();
-        assert!(text.contains("ark_healer_tickets_open 0"), "{text}");
-    }
-
-    #[test]
-    fn constant_time_compare() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
-    }
-}
+mod tests;

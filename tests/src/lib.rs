@@ -17,6 +17,7 @@
 
 pub mod kubernetes;
 pub mod prometheus;
+pub mod proxy;
 pub mod rules;
 pub mod service;
 pub mod watch;
@@ -26,6 +27,7 @@ use std::path::PathBuf;
 
 pub use kubernetes::{FakeKubelet, KubeCluster, kube_bin_dir};
 pub use prometheus::{Alertmanager, AmConfig, PromConfig, Prometheus};
+pub use proxy::{DelayProxy, ProxyRecord};
 pub use rules::scaled_alert_rules;
 pub use service::{Service, ensure_port_free, free_port, prom_duration, wait_for};
 pub use watch::CordonWatch;

@@ -213,15 +213,17 @@ impl Stack {
                 .args(["--identity", &format!("e2e-{n}")]),
             &d.join(format!("healer-{n}.log")),
         )?;
-        let url = format!("http://127.0.0.1:{}/readyz", self.healer_port);
+        // Leading, not just ready: /readyz only says the process serves (every replica).
+        let url = format!("http://127.0.0.1:{}/metrics", self.healer_port);
         wait_for(
-            "ark-healer ready (leader)",
+            "ark-healer leading (ark_healer_is_leader 1)",
             Duration::from_secs(60),
             &[&healer],
             || async {
-                Ok(reqwest::get(&url)
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
+                let text = reqwest::get(&url).await?.text().await?;
+                Ok(text
+                    .lines()
+                    .any(|l| l.trim() == "ark_healer_is_leader 1")
                     .then_some(()))
             },
         )

@@ -480,9 +480,9 @@ async fn healer_leader_election_fails_over_to_the_second_replica() -> Result<()>
     let dir = tempfile::tempdir()?;
     let cfg = "[lease]\nnamespace = \"ark-system\"\nduration_seconds = 3\n";
     let a = Healer::start(&kube, &dir.path().join("a"), "replica-a", cfg)?;
-    a.ready().await?;
+    a.wait_leader().await?;
     let b = Healer::start(&kube, &dir.path().join("b"), "replica-b", cfg)?;
-    // b is up (healthz) but not ready: only one replica acts.
+    // b is up (healthz) but not leading: only one replica acts.
     let hz = b.url("/healthz");
     wait_for("replica-b healthz", WAIT, &[&b.service], || async {
         Ok(reqwest::get(&hz)
@@ -495,7 +495,7 @@ async fn healer_leader_election_fails_over_to_the_second_replica() -> Result<()>
     // Give b several renew periods to (wrongly) take the lease, then check: never two leaders.
     for _ in 0..5 {
         assert!(
-            a.is_ready().await && !b.is_ready().await,
+            a.is_leader().await && !b.is_leader().await,
             "two leaders or none"
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -508,7 +508,7 @@ async fn healer_leader_election_fails_over_to_the_second_replica() -> Result<()>
         Some("replica-a")
     );
     drop(a);
-    b.ready().await?;
+    b.wait_leader().await?;
     let l = leases.get("ark-healer").await?;
     let spec = l.spec.context("lease spec")?;
     assert_eq!(spec.holder_identity.as_deref(), Some("replica-b"));

@@ -10,7 +10,7 @@ use jiff::Timestamp;
 use proptest::prelude::*;
 
 use super::*;
-use crate::alerts::{Alert, AlertStatus, AlertStore};
+use crate::alerts::{Alert, AlertStatus, AlertStore, StoreLimits};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::k8s::fake::FakeCluster;
@@ -47,7 +47,7 @@ fn world(catalog: Catalog, budget: u32) -> World {
     World {
         catalog,
         config,
-        store: AlertStore::new(10_000),
+        store: AlertStore::new(StoreLimits::from(&Config::default())),
         exec,
         fence,
     }
@@ -111,7 +111,10 @@ async fn a_gpu_reset_runs_end_to_end_once() {
         .lock()
         .pods
         .insert("n1".into(), vec![("default".into(), "train-0".into())]);
-    w.store.apply(alert("n1", "GpuHung", AlertStatus::Firing));
+    w.store.apply(
+        alert("n1", "GpuHung", AlertStatus::Firing),
+        Timestamp::now(),
+    );
     w.pass().await; // Cordon, Taint, Drain (evicts the pod, waits for it to go)
     assert_eq!(w.cluster().unschedulable(), 1);
     assert!(w.jobs().is_empty());
@@ -127,7 +130,10 @@ async fn a_gpu_reset_runs_end_to_end_once() {
         w.jobs().is_empty(),
         "a finished Job is deleted once recorded"
     );
-    w.store.apply(alert("n1", "GpuHung", AlertStatus::Resolved));
+    w.store.apply(
+        alert("n1", "GpuHung", AlertStatus::Resolved),
+        Timestamp::now(),
+    );
     w.pass().await; // WaitCondition done, RunJob(healthcheck) created
     let hc = w.jobs();
     assert!(hc[0].starts_with("ark-healthcheck-n1-"), "{hc:?}");
@@ -155,7 +161,10 @@ async fn a_drain_whose_evictions_error_escalates_at_its_deadline_with_the_reason
         .pods
         .insert("n1".into(), vec![("default".into(), "two-pdbs".into())]);
     w.cluster().lock().failing.insert("evict".into());
-    w.store.apply(alert("n1", "GpuHung", AlertStatus::Firing));
+    w.store.apply(
+        alert("n1", "GpuHung", AlertStatus::Firing),
+        Timestamp::now(),
+    );
     w.pass().await;
     w.pass().await;
     let t = w.ticket("n1").unwrap();
@@ -173,7 +182,10 @@ async fn an_api_error_past_the_deadline_escalates_whatever_the_step() {
     let mut w = world(Catalog::embedded_with(over, "test").unwrap(), 2);
     w.cluster().add_node("n1", false);
     w.cluster().lock().failing.insert("get_job".into());
-    w.store.apply(alert("n1", "GpuHung", AlertStatus::Firing));
+    w.store.apply(
+        alert("n1", "GpuHung", AlertStatus::Firing),
+        Timestamp::now(),
+    );
     w.pass().await;
     w.pass().await;
     let t = w.ticket("n1").unwrap();
@@ -189,7 +201,10 @@ async fn an_api_error_past_the_deadline_escalates_whatever_the_step() {
 async fn without_the_lease_nothing_is_written() {
     let mut w = world(Catalog::embedded().unwrap(), 2);
     w.cluster().add_node("n1", false);
-    w.store.apply(alert("n1", "GpuHung", AlertStatus::Firing));
+    w.store.apply(
+        alert("n1", "GpuHung", AlertStatus::Firing),
+        Timestamp::now(),
+    );
     w.fence.revoke();
     w.pass().await;
     assert!(w.cluster().lock().writes.is_empty());
@@ -201,7 +216,10 @@ async fn a_resumed_ticket_under_a_changed_sop_is_replanned_not_remapped() {
     // Issue 14 scenario 7: records were matched to different steps by index.
     let mut w = world(Catalog::embedded().unwrap(), 2);
     w.cluster().add_node("n1", false);
-    w.store.apply(alert("n1", "GpuHung", AlertStatus::Firing));
+    w.store.apply(
+        alert("n1", "GpuHung", AlertStatus::Firing),
+        Timestamp::now(),
+    );
     w.pass().await;
     let before = w.ticket("n1").unwrap();
     assert_eq!(before.workflows.len(), 4, "{before:?}"); // Cordon Taint Drain RunJob(running)
@@ -238,7 +256,8 @@ async fn a_taint_noexecute_reboot_sop_is_refused_so_it_cannot_take_100_nodes() {
     for i in 0..100 {
         let n = format!("n{i:03}");
         w.cluster().add_node(&n, false);
-        w.store.apply(alert(&n, "GpuHung", AlertStatus::Firing));
+        w.store
+            .apply(alert(&n, "GpuHung", AlertStatus::Firing), Timestamp::now());
     }
     w.pass().await;
     w.pass().await;
@@ -319,7 +338,7 @@ async fn run_ops(ops: Vec<Op>) -> std::result::Result<(), TestCaseError> {
                 {
                     a.starts_at = known.starts_at;
                 }
-                w.store.apply(a);
+                w.store.apply(a, Timestamp::now());
             }
             Op::Pass => {
                 let before = disrupted(w.cluster());

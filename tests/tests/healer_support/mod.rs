@@ -26,6 +26,16 @@ pub struct Healer {
 
 impl Healer {
     pub fn start(kube: &KubeCluster, dir: &Path, name: &str, toml: &str) -> Result<Self> {
+        Self::start_with_kubeconfig(dir, name, toml, &kube.kubeconfig("healer"))
+    }
+
+    /// [`Healer::start`] with a kubeconfig of the caller's (e.g. one whose server is a proxy).
+    pub fn start_with_kubeconfig(
+        dir: &Path,
+        name: &str,
+        toml: &str,
+        kubeconfig: &Path,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let token = dir.join("token");
         std::fs::write(&token, TOKEN)?;
@@ -53,7 +63,7 @@ impl Healer {
             .arg("--config")
             .arg(&config)
             .arg("--kubeconfig")
-            .arg(kube.kubeconfig("healer"))
+            .arg(kubeconfig)
             .arg("--identity")
             .arg(name)
             .env("RUST_LOG", "info,ark_healer=debug");
@@ -85,6 +95,26 @@ impl Healer {
         reqwest::get(self.url("/readyz"))
             .await
             .is_ok_and(|r| r.status() == 200)
+    }
+
+    /// Is this replica the leader (`ark_healer_is_leader 1` on `/metrics`)? `/readyz` only
+    /// says the process serves (every replica is ready; only the leader acts).
+    pub async fn is_leader(&self) -> bool {
+        self.metrics()
+            .await
+            .is_ok_and(|m| m.lines().any(|l| l.trim() == "ark_healer_is_leader 1"))
+    }
+
+    /// Waits until this replica leads (`ark_healer_is_leader 1` on `/metrics`).
+    pub async fn wait_leader(&self) -> Result<()> {
+        wait_for(
+            &format!("{} leading (ark_healer_is_leader 1)", self.service.name()),
+            WAIT,
+            &[&self.service],
+            || async { Ok(self.is_leader().await.then_some(())) },
+        )
+        .await
+        .with_context(|| format!("healer log:\n{}", self.service.log_tail(40)))
     }
 
     pub async fn post(&self, body: &Value) -> Result<(u16, Value)> {
