@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = t.next_step(8);
         let _ = t.id();
         let _ = t.status.is_open();
-        let _ = t.remediations_since(t.created_at, 3600);
+        let _ = t.remediations_since(t.created_at, 3600, u32::MAX);
         if let Ok(again) = t.to_annotation("fuzz-node") {
             assert!(
                 Ticket::from_annotation("fuzz-node", &again).is_ok(),
