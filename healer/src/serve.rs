@@ -123,6 +123,9 @@ impl Loop {
             None => (ClusterView::default(), HashMap::new()),
         };
         let now = Timestamp::now();
+        if only.is_none() {
+            self.sync_from_alertmanager(now).await;
+        }
         // I4: a firing alert Alertmanager stopped re-sending is forgotten before planning.
         self.store().expire(now);
         let alerts = self.store().snapshot();
@@ -137,6 +140,26 @@ impl Loop {
         self.confirm(&mut plan, &alerts, only).await;
         self.executor.execute(&plan, &view, &listed, only).await;
         Ok(plan)
+    }
+
+    /// Every replica serves the webhook, so Alertmanager's notifications reach either: on each
+    /// periodic pass the leader reads Alertmanager's active alerts and stores them as if
+    /// received (a re-send), so an alert delivered to the other replica is acted on within a
+    /// reconcile interval. Failures are logged; the webhook path keeps working.
+    async fn sync_from_alertmanager(&self, now: Timestamp) {
+        let Some(am) = &self.alertmanager else { return };
+        match am.active(None, self.config.max_alert_bytes).await {
+            Ok(alerts) => {
+                let mut store = self.store();
+                for a in alerts
+                    .into_iter()
+                    .filter(|a| a.status == AlertStatus::Firing)
+                {
+                    store.apply(a, now);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "Alertmanager sync failed"),
+        }
     }
 
     /// I4: before a plan disrupts a node for the first time, Alertmanager must list the alert as
