@@ -138,6 +138,7 @@ pub fn clip_to(s: &mut String, max: usize) {
             cut -= 1;
         }
         s.truncate(cut);
+        s.shrink_to_fit();
     }
 }
 

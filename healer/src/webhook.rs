@@ -208,6 +208,15 @@ async fn accept(s: &AppState, req: Request) -> Result<usize, AppError> {
     if declared.is_some_and(|n| n > s.body_limit) {
         return Err(AppError::PayloadTooLarge(s.body_limit));
     }
+    // The bytes being read and parsed count against the same budget as the queue: without it,
+    // hundreds of concurrent 1 MiB bodies (and their parsed copies) took the healer to 800 MiB.
+    // A body without Content-Length reserves the whole body limit.
+    let reserve = declared.unwrap_or(s.body_limit).min(s.body_limit);
+    let mut permit = s
+        .queue_bytes
+        .clone()
+        .try_acquire_many_owned(s.permits_for(reserve))
+        .map_err(|_| AppError::QueueFull)?;
     let body: Body = req.into_body();
     let bytes = axum::body::to_bytes(body, s.body_limit)
         .await
@@ -226,11 +235,18 @@ async fn accept(s: &AppState, req: Request) -> Result<usize, AppError> {
     // What the queue holds is the alerts, which can take more memory than their JSON did.
     let held = bytes.len().max(alerts.iter().map(Alert::bytes).sum());
     drop(bytes);
-    let permit = s
-        .queue_bytes
-        .clone()
-        .try_acquire_many_owned(s.permits_for(held))
-        .map_err(|_| AppError::QueueFull)?;
+    let want = s.permits_for(held) as usize;
+    let have = permit.num_permits();
+    if want > have {
+        let more = s
+            .queue_bytes
+            .clone()
+            .try_acquire_many_owned((want - have) as u32)
+            .map_err(|_| AppError::QueueFull)?;
+        permit.merge(more);
+    } else if want < have {
+        drop(permit.split(have - want));
+    }
     let n = alerts.len();
     let (mut firing, mut resolved) = (0, 0);
     for a in &alerts {

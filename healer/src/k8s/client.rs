@@ -338,7 +338,9 @@ impl Cluster for Kube {
                 kind: Some("Node".into()),
                 name: Some(name.clone()),
                 namespace: involved_ns,
-                uid: node.metadata.uid.clone(),
+                // The kubelet's convention for Node Events: uid = the node's name. `kubectl
+                // describe node` 1.20 finds only those (newer ones find these and real uids).
+                uid: Some(name.clone()),
                 ..Default::default()
             },
             reason: Some(reason.to_owned()),
