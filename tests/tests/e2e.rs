@@ -128,7 +128,7 @@ impl Stack {
         std::fs::write(
             &healer_config,
             format!(
-                "dry_run = false\ncooldown_seconds = {}\nevents_namespace = \"kube-system\"\n\
+                "dry_run = false\ncooldown_seconds = {}\nevents_namespace = \"default\"\n\
                  jobs_namespace = \"ark-system\"\naudit_log = \"{}\"\nreconcile_interval_seconds = 1\n\
                  [budget]\nmax_unschedulable = {}\nmax_unschedulable_percent = 100.0\n\
                  [lease]\nenabled = true\nname = \"ark-healer\"\nnamespace = \"ark-system\"\nduration_seconds = 5\n",

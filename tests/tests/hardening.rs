@@ -34,7 +34,7 @@ const T0: &str = "2026-11-22T10:00:00Z";
 
 /// Events the healer recorded about `node` (reason, message), oldest first.
 async fn node_events(admin: &kube::Client, node: &str) -> Result<Vec<(String, String)>> {
-    let events: Api<Event> = Api::namespaced(admin.clone(), "kube-system");
+    let events: Api<Event> = Api::namespaced(admin.clone(), "default");
     let mut out: Vec<_> = events
         .list(&ListParams::default())
         .await?

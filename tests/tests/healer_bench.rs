@@ -122,7 +122,7 @@ async fn healer_bench_webhook_to_cordon_on_the_real_apiserver() -> Result<()> {
         "healer-bench",
         "reconcile_interval_seconds = 3600\n[budget]\nmax_unschedulable = 1000\nmax_unschedulable_percent = 0.0\n[lease]\nnamespace = \"ark-system\"\n",
     )?;
-    healer.ready().await?;
+    healer.wait_leader().await?;
     let nodes: Api<Node> = Api::all(kube.client("admin").await?);
     let mut ms = Vec::new();
     for i in 0..runs {

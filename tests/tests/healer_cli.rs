@@ -94,6 +94,91 @@ fn healer_plan_without_a_cluster_prints_the_documented_shape() -> Result<()> {
     Ok(())
 }
 
+/// `plan --nodes`: "what would the healer do now?" against a `kubectl get nodes -o json`
+/// snapshot, no cluster: the snapshot's cordons count against the budget, its control-plane
+/// label and tickets are honoured, unknown nodes are ignored. Bad snapshots are clear errors.
+#[test]
+fn healer_plan_against_a_nodes_snapshot_needs_no_cluster() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = storm_file(dir.path())?;
+    let ticket = "condition: GpuHung\nstatus: escalated\ncreatedAt: 2026-11-23T09:00:00Z\n";
+    let nodes = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}},
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n2"}},
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "cp",
+            "labels": {"node-role.kubernetes.io/control-plane": ""}}},
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "manual"},
+            "spec": {"unschedulable": true}},
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "esc",
+            "annotations": {"ark.io/ticket": ticket}}},
+    ]});
+    let snap = dir.path().join("nodes.json");
+    std::fs::write(&snap, serde_json::to_vec(&nodes)?)?;
+    let config = dir.path().join("healer.toml");
+    std::fs::write(
+        &config,
+        "[budget]\nmax_unschedulable = 1\nmax_unschedulable_percent = 0\n",
+    )?;
+    let (plan, stderr) = plan(&[
+        "--alerts",
+        file.to_str().context("path")?,
+        "--nodes",
+        snap.to_str().context("path")?,
+        "--config",
+        config.to_str().context("path")?,
+    ])?;
+    assert!(!stderr.contains("empty cluster view"), "{stderr}");
+    let by = |n: &str| {
+        plan["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|x| x["node"] == n))
+            .cloned()
+    };
+    let n1 = by("n1").context("n1 planned")?;
+    let blocked = n1["blocked"].as_str().unwrap_or_default();
+    assert!(blocked.contains("disruption budget: 1 of 5"), "{n1}");
+    assert!(
+        by("cp").context("cp")?["blocked"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("control-plane")
+    );
+    assert!(
+        by("ghost").is_none(),
+        "a node not in the snapshot is ignored"
+    );
+    assert!(
+        plan["ignored"]
+            .as_array()
+            .context("ignored")?
+            .iter()
+            .any(|i| i["node"] == "ghost" && i["reason"] == "node not found in the cluster")
+    );
+    // Bad snapshots: a clear error, exit non-zero.
+    for (bad, why) in [
+        ("{not json", "not JSON"),
+        ("{\"kind\": \"Pod\"}", "neither a List"),
+        ("{\"items\": [{\"metadata\": {}}]}", "no metadata.name"),
+    ] {
+        std::fs::write(&snap, bad)?;
+        let out = Command::new(ark_harness::bin_path("ark-healer"))
+            .args(["plan", "--alerts", file.to_str().context("path")?])
+            .args(["--nodes", snap.to_str().context("path")?])
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "{bad}: {err}");
+    }
+    let help = Command::new(ark_harness::bin_path("ark-healer"))
+        .args(["plan", "--help"])
+        .output()?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--nodes") && help.contains("kubectl get nodes -o json"),
+        "{help}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn healer_plan_and_tickets_against_the_real_cluster() -> Result<()> {
     if ark_harness::skip_without_services("healer_plan_and_tickets_against_the_real_cluster") {
