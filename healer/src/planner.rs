@@ -197,6 +197,17 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     let mut per_node: BTreeMap<&str, BTreeMap<String, Candidate>> = BTreeMap::new();
     let mut ignored: BTreeSet<(String, String, String)> = BTreeSet::new();
 
+    // Every alert (firing or resolved) by node: the per-node state below looks only at its own.
+    let mut by_node: BTreeMap<&str, Vec<&Alert>> = BTreeMap::new();
+    for a in alerts {
+        if let Some(n) = a.node() {
+            by_node.entry(n).or_default().push(a);
+        }
+    }
+    for list in by_node.values_mut() {
+        // Deterministic whatever the input order (the gpu label comes from the first).
+        list.sort_by(|a, b| (a.starts_at, &a.fingerprint).cmp(&(b.starts_at, &b.fingerprint)));
+    }
     let mut firing: Vec<&Alert> = alerts
         .iter()
         .filter(|a| a.status == AlertStatus::Firing)
@@ -378,7 +389,12 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         let mut state = None;
         let mut gpu = None;
         let mut fingerprints = Vec::new();
-        for a in alerts.iter().filter(|a| is_chosen(a)) {
+        for a in by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter(|a| is_chosen(a))
+        {
             match a.status {
                 AlertStatus::Firing => {
                     state = Some(true);
