@@ -1,0 +1,146 @@
+//! Catalog loading, validation and the XID mapping.
+
+use super::*;
+
+#[test]
+fn embedded_catalog_matches_design_priorities() {
+    let c = Catalog::embedded().unwrap();
+    let p = |n: &str| c.condition(n).unwrap().priority;
+    assert_eq!(p("NodeNotReady"), 0);
+    assert_eq!(p("NodeCordoned"), 1);
+    assert_eq!(p("GpuFellOffBus"), 2);
+    for n in [
+        "GpuXidFatal",
+        "GpuEccDoubleBit",
+        "GpuRowRemapFailure",
+        "GpuHung",
+    ] {
+        assert_eq!(p(n), 3, "{n}");
+    }
+    assert_eq!(p("GpuNvlinkDown"), 4);
+    assert_eq!(p("IbPortDown"), 5);
+    assert_eq!(p("IbLinkFlapping"), 6);
+    assert_eq!(p("PcieLinkDegraded"), 10);
+    assert_eq!(p("NetworkRetransmitStorm"), 20);
+    assert_eq!(p("DiskIoSlow"), 30);
+    assert_eq!(p("WorkloadStalled"), 40);
+    assert_eq!(p("GpuThermalThrottle"), 100);
+    assert_eq!(p("GpuHighTemperature"), 100);
+    assert_eq!(p("GpuXidApplication"), 1000);
+}
+
+#[test]
+fn xid_mapping_is_derived_from_the_nvidia_catalog() {
+    let c = Catalog::embedded().unwrap();
+    assert_eq!(c.resolve(None, Some("79")), Some("GpuFellOffBus"));
+    for xid in [48, 64, 95, 62, 109, 119, 120, 136, 140, 143, 155, 156, 158] {
+        assert_eq!(
+            c.resolve(None, Some(&xid.to_string())),
+            Some("GpuXidFatal"),
+            "{xid}"
+        );
+    }
+    assert_eq!(c.resolve(None, Some("74")), Some("GpuNvlinkDown"));
+    for xid in [13, 31, 43, 45, 68, 94] {
+        assert_eq!(
+            c.resolve(None, Some(&xid.to_string())),
+            Some("GpuXidApplication")
+        );
+    }
+    // IGNORE-only XIDs (63: remapping event) map to nothing.
+    assert_eq!(c.resolve(None, Some("63")), None);
+    assert_eq!(c.resolve(None, Some("not-a-number")), None);
+    // The condition label wins when known; unknown falls back to xid.
+    assert_eq!(c.resolve(Some("GpuHung"), Some("79")), Some("GpuHung"));
+    assert_eq!(c.resolve(Some("Bogus"), Some("79")), Some("GpuFellOffBus"));
+    assert_eq!(c.resolve(Some("Bogus"), None), None);
+}
+
+#[test]
+fn default_sops_follow_the_xid_guidance() {
+    let c = Catalog::embedded().unwrap();
+    let sop = |cond: &str| &c.sop(&c.condition(cond).unwrap().sop).unwrap().steps;
+    assert!(sop("GpuFellOffBus").contains(&Step::RunJob {
+        template: "reboot".into(),
+        timeout_seconds: 1200,
+        disruptive: None,
+    }));
+    assert!(
+        sop("GpuXidFatal")
+            .iter()
+            .any(|s| matches!(s, Step::RunJob { template, .. } if template == "gpu-reset"))
+    );
+    let nvlink = sop("GpuNvlinkDown");
+    assert_eq!(nvlink[0], Step::Cordon);
+    assert!(
+        nvlink
+            .iter()
+            .any(|s| matches!(s, Step::RunJob { template, .. } if template == "diagnose"))
+    );
+    assert_eq!(sop("GpuXidApplication"), &vec![Step::Notify]);
+}
+
+#[test]
+fn file_overrides_entries_and_is_validated() {
+    let over = "conditions:\n  GpuHung: {priority: 7, sop: notify}\n  Custom: {priority: 50, sop: quiet}\nsops:\n  quiet: {steps: [{action: Notify}], dryRun: true}\n";
+    let c = Catalog::from_yaml(DEFAULT_CATALOG, Some(over), "test").unwrap();
+    assert_eq!(c.condition("GpuHung").unwrap().priority, 7);
+    assert!(c.sop("quiet").unwrap().dry_run);
+    assert_eq!(c.condition("NodeNotReady").unwrap().priority, 0);
+
+    let bad_sop = "conditions:\n  X: {priority: 5, sop: nope}\n";
+    let e = Catalog::from_yaml(DEFAULT_CATALOG, Some(bad_sop), "f.yaml").unwrap_err();
+    assert!(e.to_string().contains("unknown SOP"), "{e}");
+    let bad_job = "sops:\n  s: {steps: [{action: RunJob, template: format-disk}]}\n";
+    assert!(Catalog::from_yaml(DEFAULT_CATALOG, Some(bad_job), "f").is_err());
+    let unknown_key = "conditions:\n  X: {priority: 5, sop: notify, colour: red}\n";
+    assert!(Catalog::from_yaml(DEFAULT_CATALOG, Some(unknown_key), "f").is_err());
+}
+
+#[test]
+fn a_sop_that_disrupts_before_it_cordons_is_refused() {
+    // Issue 14 scenario 5: this SOP took 100 nodes out with a budget of 2.
+    let sneaky = "sops:\n  sneaky: {steps: [{action: Taint, key: ark.io/unhealthy, effect: NoExecute}, {action: RunJob, template: reboot}]}\n";
+    let e = Catalog::from_yaml(DEFAULT_CATALOG, Some(sneaky), "f.yaml").unwrap_err();
+    let e = e.to_string();
+    assert!(
+        e.contains("sneaky") && e.contains("disrupts before it cordons"),
+        "{e}"
+    );
+    let job_first =
+        "sops:\n  j: {steps: [{action: RunJob, template: gpu-reset}, {action: Cordon}]}\n";
+    assert!(Catalog::from_yaml(DEFAULT_CATALOG, Some(job_first), "f").is_err());
+    // A diagnose Job first is fine (not disruptive), and so is a Job marked harmless.
+    let ok = "sops:\n  d: {steps: [{action: RunJob, template: diagnose}, {action: Cordon}, {action: Taint, effect: NoExecute}]}\n  r: {steps: [{action: RunJob, template: repair, disruptive: false}]}\n";
+    Catalog::from_yaml(DEFAULT_CATALOG, Some(ok), "f").unwrap();
+    let soft = "sops:\n  s: {steps: [{action: Taint, effect: PreferNoSchedule}]}\n";
+    Catalog::from_yaml(DEFAULT_CATALOG, Some(soft), "f").unwrap();
+}
+
+#[test]
+fn what_disrupts_and_the_digest_pins_the_steps() {
+    let c = Catalog::embedded().unwrap();
+    let reboot = c.sop("reboot").unwrap();
+    assert!(reboot.disrupts());
+    assert!(!c.sop("diagnose-notify").unwrap().disrupts());
+    assert!(!c.sop("verify-and-uncordon").unwrap().disrupts());
+    assert_eq!(reboot.digest(), c.sop("reboot").unwrap().digest());
+    assert_ne!(reboot.digest(), c.sop("gpu-reset").unwrap().digest());
+    let taint = |effect: &str| Step::Taint {
+        key: UNHEALTHY_TAINT.into(),
+        effect: effect.into(),
+    };
+    assert!(taint("NoExecute").disrupts() && taint("NoSchedule").disrupts());
+    assert!(!taint("PreferNoSchedule").disrupts());
+}
+
+#[test]
+fn priority_classes() {
+    assert_eq!(PriorityClass::of(0), PriorityClass::NotReady);
+    assert_eq!(PriorityClass::of(1), PriorityClass::Cordon);
+    assert_eq!(PriorityClass::of(2), PriorityClass::Emergency);
+    assert_eq!(PriorityClass::of(99), PriorityClass::Emergency);
+    assert_eq!(PriorityClass::of(100), PriorityClass::CanIgnore);
+    assert_eq!(PriorityClass::of(999), PriorityClass::CanIgnore);
+    assert_eq!(PriorityClass::of(1000), PriorityClass::MustIgnore);
+}
