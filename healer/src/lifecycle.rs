@@ -61,6 +61,22 @@ pub fn follows(t: &Ticket, p: &NodePlan) -> bool {
     }
 }
 
+/// A new ticket for plan `p`, pinned to its SOP (I6), carrying `previous`'s history.
+fn pinned(p: &NodePlan, previous: Option<&Ticket>, now: Timestamp) -> Ticket {
+    let mut t = Ticket::new(
+        &p.condition,
+        &p.reason,
+        &p.sop,
+        p.fingerprint.as_deref(),
+        now,
+        previous,
+    );
+    t.sop_digest = Some(p.sop_digest.clone());
+    t.priority = Some(p.priority);
+    t.alert_started_at = p.alert_started_at;
+    t
+}
+
 /// Which ticket a pass works on for plan `p`, given the node's current ticket.
 pub fn start(current: Option<Ticket>, p: &NodePlan, now: Timestamp) -> Start {
     let replaced = match &current {
@@ -77,17 +93,7 @@ pub fn start(current: Option<Ticket>, p: &NodePlan, now: Timestamp) -> Start {
         }),
         _ => None,
     };
-    let mut t = Ticket::new(
-        &p.condition,
-        &p.reason,
-        &p.sop,
-        p.fingerprint.as_deref(),
-        now,
-        current.as_ref(),
-    );
-    t.sop_digest = Some(p.sop_digest.clone());
-    t.priority = Some(p.priority);
-    t.alert_started_at = p.alert_started_at;
+    let mut t = pinned(p, current.as_ref(), now);
     if let Some(old) = current.as_ref().filter(|o| o.status.is_open()) {
         // The node stays as the old ticket left it: its cordon is still ours to undo, and it
         // still counts against the budget.
@@ -280,20 +286,7 @@ pub fn block(
     message: &str,
     now: Timestamp,
 ) -> Option<Ticket> {
-    let fresh = |prev: Option<&Ticket>| {
-        let mut t = Ticket::new(
-            &p.condition,
-            &p.reason,
-            &p.sop,
-            p.fingerprint.as_deref(),
-            now,
-            prev,
-        );
-        t.sop_digest = Some(p.sop_digest.clone());
-        t.priority = Some(p.priority);
-        t.alert_started_at = p.alert_started_at;
-        t
-    };
+    let fresh = |prev: Option<&Ticket>| pinned(p, prev, now);
     let mut t = match current {
         Some(t) if t.status.is_open() && t.condition == p.condition => t,
         prev if reason == BlockReason::RepeatOffender => {
