@@ -20,6 +20,8 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod planner;
 pub mod serve;
+#[cfg(test)]
+mod testkit;
 pub mod ticket;
 pub mod webhook;
 

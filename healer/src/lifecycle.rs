@@ -8,7 +8,7 @@ use jiff::Timestamp;
 
 use crate::catalog::Step;
 use crate::planner::{BlockReason, NodePlan};
-use crate::ticket::{Remediation, StepStatus, Ticket, TicketStatus, Workflow};
+use crate::ticket::{Remediation, StepStatus, Ticket, TicketStatus, Workflow, clip_text};
 
 /// How a pass takes up a node's ticket.
 #[derive(Debug, Clone, PartialEq)]
@@ -206,10 +206,9 @@ pub fn wait(
         .filter(|w| w.status == StepStatus::Running)
         .cloned()
         .unwrap_or_else(|| workflow(step, StepStatus::Running, now, None, None, None));
-    let mut probe = prev.clone();
-    crate::ticket::clip_to(probe.message.get_or_insert_with(String::new), 256);
+    // The record holds the message clipped: compare like with like.
     let mut clipped = message.clone();
-    crate::ticket::clip_to(&mut clipped, 256);
+    clip_text(&mut clipped);
     if prev.message.as_deref() == Some(clipped.as_str()) && (job.is_none() || prev.job == job) {
         return false;
     }
@@ -298,7 +297,7 @@ pub fn block(
         prev => fresh(prev.as_ref()),
     };
     let mut clipped = message.to_owned();
-    crate::ticket::clip_to(&mut clipped, 256);
+    clip_text(&mut clipped);
     if t.blocked.as_deref() == Some(clipped.as_str()) {
         return None;
     }

@@ -126,7 +126,8 @@ fn one() -> u32 {
     1
 }
 
-fn clip(s: &mut String) {
+/// Cuts a free-text field (reason, message, block) to what a ticket stores.
+pub fn clip_text(s: &mut String) {
     clip_to(s, TEXT_MAX);
 }
 
@@ -229,7 +230,7 @@ impl Ticket {
         let mut entry = entry;
         entry.step = Some(index);
         if let Some(m) = entry.message.as_mut() {
-            clip(m);
+            clip_text(m);
         }
         if let Some(pos) = self
             .workflows
@@ -258,10 +259,10 @@ impl Ticket {
 
     /// Clips every free-text field, so that any ticket fits [`TICKET_MAX_BYTES`] (I5).
     fn compact(&mut self) {
-        clip(&mut self.reason);
+        clip_text(&mut self.reason);
         clip_to(&mut self.condition, NAME_MAX);
         if let Some(b) = self.blocked.as_mut() {
-            clip(b);
+            clip_text(b);
         }
         for s in [&mut self.sop, &mut self.sop_digest].into_iter().flatten() {
             clip_to(s, NAME_MAX);
@@ -272,7 +273,7 @@ impl Ticket {
         for w in &mut self.workflows {
             clip_to(&mut w.action, NAME_MAX);
             if let Some(m) = w.message.as_mut() {
-                clip(m);
+                clip_text(m);
             }
             if let Some(j) = w.job.as_mut() {
                 clip_to(j, NAME_MAX);

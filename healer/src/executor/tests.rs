@@ -3,19 +3,20 @@
 //! leadership changes, manual cordons and API failures that checks I1, I2, I5 and "no step
 //! twice". The same behaviours are tested on the real apiserver in `tests/tests/`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use proptest::prelude::*;
 
 use super::*;
-use crate::alerts::{Alert, AlertStatus, AlertStore, StoreLimits};
+use crate::alerts::{AlertStatus, AlertStore, StoreLimits};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::k8s::fake::FakeCluster;
 use crate::k8s::{Cluster, Fence, view_of};
 use crate::planner::{PlanInput, plan};
+use crate::testkit::alert_with as alert;
 use crate::ticket::{TICKET_MAX_BYTES, TicketStatus};
 
 struct World {
@@ -50,21 +51,6 @@ fn world(catalog: Catalog, budget: u32) -> World {
         store: AlertStore::new(StoreLimits::from(&Config::default())),
         exec,
         fence,
-    }
-}
-
-fn alert(node: &str, condition: &str, status: AlertStatus) -> Alert {
-    Alert {
-        fingerprint: format!("{node}/{condition}"),
-        status,
-        labels: [
-            ("node".to_owned(), node.to_owned()),
-            ("condition".to_owned(), condition.to_owned()),
-        ]
-        .into(),
-        annotations: BTreeMap::new(),
-        starts_at: "2026-11-22T11:00:00Z".parse().unwrap(),
-        ends_at: None,
     }
 }
 

@@ -174,46 +174,6 @@ impl Kube {
         self.call("get node", || api.get_opt(name)).await
     }
 
-    /// Read-modify-write of a node with optimistic concurrency: `f` sees the current node and
-    /// returns a JSON merge patch (or `None`: nothing to do); the patch carries the node's
-    /// `resourceVersion`, so a concurrent change gives 409 and we re-read and recompute. This is
-    /// required for `spec.taints`, which a patch replaces as a whole.
-    pub async fn mutate_node<F>(&self, name: &str, mut f: F) -> Result<Option<Node>>
-    where
-        F: FnMut(&Node) -> Result<Option<Value>>,
-    {
-        let api = self.nodes();
-        let mut last = String::new();
-        for _ in 0..self.policy.max_attempts {
-            let Some(node) = self.get_node(name).await? else {
-                return Ok(None);
-            };
-            let Some(mut patch) = f(&node)? else {
-                return Ok(Some(node));
-            };
-            let rv = node.metadata.resource_version.clone().unwrap_or_default();
-            patch["metadata"]["resourceVersion"] = json!(rv);
-            let pp = PatchParams::default();
-            let p = Patch::Merge(&patch);
-            match self.write("patch node", || api.patch(name, &pp, &p)).await {
-                Ok(n) => return Ok(Some(n)),
-                Err(e) if e.api_status() == Some(409) => {
-                    self.metrics
-                        .kube_retries
-                        .with_label_values(&["conflict"])
-                        .inc();
-                    last = e.to_string();
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(Error::KubeRetriesExhausted {
-            op: format!("update node {name}"),
-            attempts: self.policy.max_attempts,
-            last,
-        })
-    }
-
     /// All nodes, as one consistent read.
     pub async fn list_nodes(&self) -> Result<Vec<Node>> {
         let api = self.nodes();

@@ -4,46 +4,16 @@
 //! `scripts/test` stays fast; `PROPTEST_CASES=10000 cargo test -p ark-healer --lib` is the
 //! long run.
 
-use std::collections::BTreeMap;
-
 use jiff::Timestamp;
 use proptest::prelude::*;
 
 use super::*;
-use crate::alerts::{Alert, AlertStatus};
+use crate::alerts::Alert;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::planner::{ClusterView, NodeView, PlanInput, plan};
+use crate::testkit::{alert, node, now};
 use crate::ticket::TICKET_MAX_BYTES;
-
-fn now() -> Timestamp {
-    "2026-11-22T12:00:00Z".parse().unwrap()
-}
-
-fn alert(node: &str, condition: &str) -> Alert {
-    Alert {
-        fingerprint: format!("{node}/{condition}"),
-        status: AlertStatus::Firing,
-        labels: [
-            ("node".to_owned(), node.to_owned()),
-            ("condition".to_owned(), condition.to_owned()),
-        ]
-        .into(),
-        annotations: BTreeMap::new(),
-        starts_at: "2026-11-22T11:00:00Z".parse().unwrap(),
-        ends_at: None,
-    }
-}
-
-fn node(name: &str) -> NodeView {
-    NodeView {
-        name: name.into(),
-        unschedulable: false,
-        control_plane: false,
-        disabled: false,
-        ticket: None,
-    }
-}
 
 fn plan_for(catalog: &Catalog, condition: &str, view: &ClusterView) -> NodePlan {
     let mut config = Config::default();

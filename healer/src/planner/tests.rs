@@ -21,36 +21,8 @@ fn plan(
         silence_means_resolved: true,
     })
 }
-use crate::alerts::AlertStatus;
+use crate::testkit::{alert, node, now};
 use crate::ticket::{StepStatus, Workflow};
-
-fn now() -> Timestamp {
-    "2026-11-22T12:00:00Z".parse().unwrap()
-}
-
-fn alert(node: &str, condition: &str) -> Alert {
-    let mut labels = BTreeMap::new();
-    labels.insert("node".to_owned(), node.to_owned());
-    labels.insert("condition".to_owned(), condition.to_owned());
-    Alert {
-        fingerprint: format!("{node}/{condition}"),
-        status: AlertStatus::Firing,
-        labels,
-        annotations: BTreeMap::new(),
-        starts_at: "2026-11-22T11:00:00Z".parse().unwrap(),
-        ends_at: None,
-    }
-}
-
-fn node(name: &str) -> NodeView {
-    NodeView {
-        name: name.into(),
-        unschedulable: false,
-        control_plane: false,
-        disabled: false,
-        ticket: None,
-    }
-}
 
 fn view(nodes: Vec<NodeView>) -> ClusterView {
     ClusterView {
