@@ -158,19 +158,6 @@ fn workflows(t: &serde_yaml::Value) -> Vec<(String, String, String)> {
         .unwrap_or_default()
 }
 
-/// Resident memory of a process, from `/proc/<pid>/status`.
-fn vm_rss_kib(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
-}
-
 const NO_BUDGET_LIMIT: &str = "[budget]\nmax_unschedulable = 0\nmax_unschedulable_percent = 0.0\n";
 
 #[tokio::test]

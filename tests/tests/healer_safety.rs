@@ -120,19 +120,6 @@ fn workflows(t: &serde_yaml::Value) -> Vec<(String, String, Option<u64>, String)
         .unwrap_or_default()
 }
 
-/// Resident memory of a process, from `/proc/<pid>/status`.
-fn vm_rss_kib(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// Waits up to `within` for `f` on the node; on time-out the error shows the node's ticket.
 async fn node_within<T>(
     nodes: &Api<Node>,
@@ -428,14 +415,11 @@ async fn safety_budget_holds_after_failover_with_a_delaying_proxy() -> Result<()
 /// cooldown and the urgent fault is blocked ("cooldown: last ticket closed at ...").
 #[tokio::test]
 async fn safety_a_finished_diagnosis_does_not_put_an_urgent_fault_in_cooldown() -> Result<()> {
-    if ark_harness::skip_without_services(
-        "safety_a_finished_diagnosis_does_not_put_an_urgent_fault_in_cooldown",
-    ) {
+    let Some((kube, admin)) =
+        cluster_for("safety_a_finished_diagnosis_does_not_put_an_urgent_fault_in_cooldown").await?
+    else {
         return Ok(());
-    }
-    let kube = KubeCluster::start().await?;
-    setup_rbac(&kube).await?;
-    let admin = kube.client("admin").await?;
+    };
     let nodes: Api<Node> = Api::all(admin.clone());
     kube.create_node("n", &[]).await?;
     let dir = tempfile::tempdir()?;
@@ -510,14 +494,11 @@ async fn safety_a_finished_diagnosis_does_not_put_an_urgent_fault_in_cooldown() 
 /// blocked.
 #[tokio::test]
 async fn safety_repeat_offender_counts_only_disruptive_remediations() -> Result<()> {
-    if ark_harness::skip_without_services(
-        "safety_repeat_offender_counts_only_disruptive_remediations",
-    ) {
+    let Some((kube, admin)) =
+        cluster_for("safety_repeat_offender_counts_only_disruptive_remediations").await?
+    else {
         return Ok(());
-    }
-    let kube = KubeCluster::start().await?;
-    setup_rbac(&kube).await?;
-    let admin = kube.client("admin").await?;
+    };
     let nodes: Api<Node> = Api::all(admin.clone());
     kube.create_node("m", &[]).await?;
     let dir = tempfile::tempdir()?;
@@ -600,14 +581,11 @@ async fn safety_repeat_offender_counts_only_disruptive_remediations() -> Result<
 /// taints and drains r from its stale memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn safety_a_resolved_alert_is_not_resurrected_by_a_failover() -> Result<()> {
-    if ark_harness::skip_without_services(
-        "safety_a_resolved_alert_is_not_resurrected_by_a_failover",
-    ) {
+    let Some((kube, admin)) =
+        cluster_for("safety_a_resolved_alert_is_not_resurrected_by_a_failover").await?
+    else {
         return Ok(());
-    }
-    let kube = KubeCluster::start().await?;
-    setup_rbac(&kube).await?;
-    let admin = kube.client("admin").await?;
+    };
     let nodes: Api<Node> = Api::all(admin.clone());
     kube.create_node("r", &[]).await?;
     kube.create_node("spare", &[]).await?;
@@ -705,14 +683,11 @@ async fn safety_a_resolved_alert_is_not_resurrected_by_a_failover() -> Result<()
 /// `Running` for as long as it is watched.
 #[tokio::test]
 async fn safety_a_drain_whose_evictions_error_escalates_at_its_timeout() -> Result<()> {
-    if ark_harness::skip_without_services(
-        "safety_a_drain_whose_evictions_error_escalates_at_its_timeout",
-    ) {
+    let Some((kube, admin)) =
+        cluster_for("safety_a_drain_whose_evictions_error_escalates_at_its_timeout").await?
+    else {
         return Ok(());
-    }
-    let kube = KubeCluster::start().await?;
-    setup_rbac(&kube).await?;
-    let admin = kube.client("admin").await?;
+    };
     let nodes: Api<Node> = Api::all(admin.clone());
     kube.create_node("d", &[]).await?;
     kube.create_pod("work", "guarded", "d", &[("app", "db")])
@@ -829,14 +804,11 @@ fn safety_plan_refuses_a_sop_that_disrupts_before_it_cordons() -> Result<()> {
 /// serves and taints every alerting node NoExecute, far past the budget.
 #[tokio::test]
 async fn safety_serve_refuses_a_sop_that_disrupts_before_it_cordons() -> Result<()> {
-    if ark_harness::skip_without_services(
-        "safety_serve_refuses_a_sop_that_disrupts_before_it_cordons",
-    ) {
+    let Some((kube, admin)) =
+        cluster_for("safety_serve_refuses_a_sop_that_disrupts_before_it_cordons").await?
+    else {
         return Ok(());
-    }
-    let kube = KubeCluster::start().await?;
-    setup_rbac(&kube).await?;
-    let admin = kube.client("admin").await?;
+    };
     let nodes: Api<Node> = Api::all(admin.clone());
     let names: Vec<String> = (0..10).map(|i| format!("g{i}")).collect();
     kube.create_nodes(names.clone()).await?;
@@ -1045,12 +1017,10 @@ async fn safety_memory_is_bounded_in_bytes_under_large_alerts() -> Result<()> {
 /// the node is never acted on.
 #[tokio::test]
 async fn safety_a_huge_fingerprint_still_gets_a_ticket() -> Result<()> {
-    if ark_harness::skip_without_services("safety_a_huge_fingerprint_still_gets_a_ticket") {
+    let Some((kube, admin)) = cluster_for("safety_a_huge_fingerprint_still_gets_a_ticket").await?
+    else {
         return Ok(());
-    }
-    let kube = KubeCluster::start().await?;
-    setup_rbac(&kube).await?;
-    let admin = kube.client("admin").await?;
+    };
     let nodes: Api<Node> = Api::all(admin.clone());
     kube.create_node("fp", &[]).await?;
     let dir = tempfile::tempdir()?;
@@ -1095,12 +1065,11 @@ async fn safety_a_huge_fingerprint_still_gets_a_ticket() -> Result<()> {
 /// the new step 1 (Taint).
 #[tokio::test]
 async fn safety_a_ticket_is_not_remapped_onto_a_changed_sop() -> Result<()> {
-    if ark_harness::skip_without_services("safety_a_ticket_is_not_remapped_onto_a_changed_sop") {
+    let Some((kube, admin)) =
+        cluster_for("safety_a_ticket_is_not_remapped_onto_a_changed_sop").await?
+    else {
         return Ok(());
-    }
-    let kube = KubeCluster::start().await?;
-    setup_rbac(&kube).await?;
-    let admin = kube.client("admin").await?;
+    };
     let nodes: Api<Node> = Api::all(admin.clone());
     kube.create_node("rs", &[]).await?;
     let dir = tempfile::tempdir()?;
@@ -1191,12 +1160,10 @@ async fn safety_a_ticket_is_not_remapped_onto_a_changed_sop() -> Result<()> {
 /// fails: 400 (deny_unknown_fields), which Alertmanager never retries.
 #[tokio::test]
 async fn safety_webhook_accepts_unknown_fields_and_acts() -> Result<()> {
-    if ark_harness::skip_without_services("safety_webhook_accepts_unknown_fields_and_acts") {
+    let Some((kube, admin)) = cluster_for("safety_webhook_accepts_unknown_fields_and_acts").await?
+    else {
         return Ok(());
-    }
-    let kube = KubeCluster::start().await?;
-    setup_rbac(&kube).await?;
-    let admin = kube.client("admin").await?;
+    };
     let nodes: Api<Node> = Api::all(admin.clone());
     kube.create_node("u", &[]).await?;
     let dir = tempfile::tempdir()?;
@@ -1230,12 +1197,11 @@ async fn safety_webhook_accepts_unknown_fields_and_acts() -> Result<()> {
 /// (kubectl 1.32 shows real-uid and name-uid Events, not uid-less ones).
 #[tokio::test]
 async fn safety_node_events_show_in_kubectl_describe_node() -> Result<()> {
-    if ark_harness::skip_without_services("safety_node_events_show_in_kubectl_describe_node") {
+    let Some((kube, admin)) =
+        cluster_for("safety_node_events_show_in_kubectl_describe_node").await?
+    else {
         return Ok(());
-    }
-    let kube = KubeCluster::start().await?;
-    setup_rbac(&kube).await?;
-    let admin = kube.client("admin").await?;
+    };
     let nodes: Api<Node> = Api::all(admin.clone());
     kube.create_node("ev", &[]).await?;
     let dir = tempfile::tempdir()?;

@@ -251,3 +251,28 @@ pub async fn count_jobs(kube: &kube::Client, template: &str) -> Result<usize> {
     let lp = ListParams::default().labels(&format!("ark.io/template={template}"));
     Ok(jobs.list(&lp).await?.items.len())
 }
+
+/// Resident memory of a process, from `/proc/<pid>/status`.
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The start of every real-apiserver healer test: `None` (and a line naming `test`) when
+/// services are switched off, else a fresh cluster with the healer's RBAC and an admin client.
+pub async fn cluster_for(test: &str) -> Result<Option<(KubeCluster, kube::Client)>> {
+    if ark_harness::skip_without_services(test) {
+        return Ok(None);
+    }
+    let kube = KubeCluster::start().await?;
+    setup_rbac(&kube).await?;
+    let admin = kube.client("admin").await?;
+    Ok(Some((kube, admin)))
+}
