@@ -1370,3 +1370,42 @@ async fn safety_sigterm_releases_the_lease_for_a_fast_failover() -> Result<()> {
     );
     Ok(())
 }
+
+/// I4 under a partition: with `[alertmanager] url` pointing at an Alertmanager that does not
+/// answer, a firing alert from the webhook alone never starts a disruption — the plan is
+/// blocked as `unconfirmed`, pass after pass, and the node stays schedulable with no ticket
+/// step recorded.
+#[tokio::test]
+async fn safety_an_unreachable_alertmanager_means_no_disruption() -> Result<()> {
+    let Some((kube, admin)) =
+        cluster_for("safety_an_unreachable_alertmanager_means_no_disruption").await?
+    else {
+        return Ok(());
+    };
+    let nodes: Api<Node> = Api::all(admin.clone());
+    kube.create_node("u", &[]).await?;
+    // A port nobody listens on: connections are refused at once.
+    let dead = ark_harness::free_port();
+    let cfg = format!(
+        "{NO_LEASE}[alertmanager]\nurl = \"http://127.0.0.1:{dead}\"\ntimeout_seconds = 1\n"
+    );
+    let dir = tempfile::tempdir()?;
+    let healer = Healer::start(&kube, dir.path(), "healer-u", &cfg)?;
+    healer.ready().await?;
+    post_ok(&healer, &payload(vec![alert("u", "GpuHung", true, T0)])).await?;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(6) {
+        let n = nodes.get("u").await?;
+        assert!(!unschedulable(&n), "u cordoned without Alertmanager's word");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = healer.metrics().await?;
+    assert!(
+        text.contains("ark_healer_actions_blocked_total{reason=\"unconfirmed\"} 1"),
+        "{text}"
+    );
+    let n = nodes.get("u").await?;
+    let steps = ticket(&n).map(|t| workflows(&t)).unwrap_or_default();
+    assert!(steps.is_empty(), "steps recorded for u: {steps:?}");
+    Ok(())
+}
