@@ -77,6 +77,35 @@ pub enum Command {
         #[arg(long, default_value = "table")]
         output: Output,
     },
+    /// Stop all writes to Nodes now, on every replica, without a restart (survives failover).
+    ///
+    /// Sets the `ark.io/paused` annotation on the healer's Lease (`[lease]` of --config). Alerts
+    /// keep arriving and plans keep being made and audited as what the healer would do, but
+    /// nothing is written to any Node until `ark-healer resume`. Takes effect within one
+    /// reconcile pass. Needs `patch` on leases in the healer's namespace.
+    #[command(verbatim_doc_comment)]
+    Pause {
+        /// Why (shown by `status`, in the audit log and in every blocked plan).
+        #[arg(long)]
+        reason: String,
+        /// Who (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+        #[command(flatten)]
+        target: LeaseTarget,
+    },
+    /// Lift `ark-healer pause`: the next reconcile pass acts again.
+    Resume {
+        #[command(flatten)]
+        target: LeaseTarget,
+    },
+    /// Is remediation paused, and who leads?
+    Status {
+        #[command(flatten)]
+        target: LeaseTarget,
+        #[arg(long, default_value = "table")]
+        output: Output,
+    },
     /// List tickets across nodes (open ones; `--all` for every ticket).
     Tickets {
         #[arg(long)]
@@ -86,6 +115,16 @@ pub enum Command {
         #[arg(long, default_value = "table")]
         output: Output,
     },
+}
+
+/// The cluster and the healer's Lease (its namespace and name come from `[lease]` of --config).
+#[derive(Debug, clap::Args)]
+pub struct LeaseTarget {
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Healer configuration, as for `serve` (only `[lease]` and `[kube]` are read).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -154,7 +193,53 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             all,
             output,
         } => tickets_cmd(kubeconfig.as_deref(), all, output).await,
+        Command::Pause { reason, by, target } => {
+            let by = by
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "unknown".into());
+            let pause = crate::pause::Pause::new(&by, &reason, Timestamp::now());
+            let (kube, lease) = lease_target(&target).await?;
+            crate::pause::write(&kube, &lease.namespace, &lease.name, Some(&pause)).await?;
+            writeln!(
+                std::io::stdout().lock(),
+                "paused: Lease {}/{} carries {}; nothing is written to Nodes until `ark-healer resume`",
+                lease.namespace,
+                lease.name,
+                crate::pause::ANNOTATION
+            )?;
+            Ok(())
+        }
+        Command::Resume { target } => {
+            let (kube, lease) = lease_target(&target).await?;
+            crate::pause::write(&kube, &lease.namespace, &lease.name, None).await?;
+            writeln!(
+                std::io::stdout().lock(),
+                "resumed: the next reconcile pass acts"
+            )?;
+            Ok(())
+        }
+        Command::Status { target, output } => {
+            let (kube, lease) = lease_target(&target).await?;
+            let st = crate::pause::status(&kube, &lease.namespace, &lease.name, Timestamp::now())
+                .await?;
+            let mut out = std::io::stdout().lock();
+            match output {
+                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&st)?)?,
+                Output::Table => write!(out, "{st}")?,
+            }
+            Ok(())
+        }
     }
+}
+
+/// A reachable cluster and the `[lease]` of the configuration.
+async fn lease_target(t: &LeaseTarget) -> anyhow::Result<(k8s::Kube, crate::config::Lease)> {
+    let cfg = Config::load(t.config.as_deref())?;
+    let metrics = Metrics::register(&prometheus::Registry::new())?;
+    let kube = reachable(t.kubeconfig.as_deref(), &cfg, &metrics)
+        .await
+        .context("Kubernetes API not reachable")?;
+    Ok((kube, cfg.lease))
 }
 
 pub fn parse_listen(addr: &str) -> anyhow::Result<SocketAddr> {

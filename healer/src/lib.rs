@@ -18,6 +18,7 @@ pub mod executor;
 pub mod k8s;
 pub mod lifecycle;
 pub mod metrics;
+pub mod pause;
 pub mod planner;
 pub mod serve;
 #[cfg(test)]

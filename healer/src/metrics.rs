@@ -23,6 +23,8 @@ pub struct Metrics {
     pub webhook_requests: IntCounterVec,
     pub queue_depth: IntGauge,
     pub is_leader: IntGauge,
+    /// 1 while `ark-healer pause` holds (as this replica last read it; also 1 when unreadable).
+    pub paused: IntGauge,
     pub kube_retries: IntCounterVec,
     pub steps_total: IntCounterVec,
 }
@@ -145,6 +147,14 @@ impl Metrics {
                 IntGauge::new(
                     "ark_healer_is_leader",
                     "1 while this replica holds the Lease.",
+                )
+                .map_err(m)?,
+            )?,
+            paused: reg(
+                registry,
+                IntGauge::new(
+                    "ark_healer_paused",
+                    "1 while remediation is paused (ark-healer pause), as the leader last read it.",
                 )
                 .map_err(m)?,
             )?,

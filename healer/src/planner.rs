@@ -83,6 +83,8 @@ pub enum BlockReason {
     Unconfirmed,
     /// This alert occurrence was already remediated by a finished ticket.
     Handled,
+    /// `ark-healer pause`: nothing is written to Nodes until `resume` ([`crate::pause`]).
+    Paused,
 }
 
 impl BlockReason {
@@ -98,6 +100,7 @@ impl BlockReason {
             BlockReason::DryRun => "dry_run",
             BlockReason::Unconfirmed => "unconfirmed",
             BlockReason::Handled => "handled",
+            BlockReason::Paused => "paused",
         }
     }
 }

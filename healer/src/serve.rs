@@ -137,9 +137,35 @@ impl Loop {
             now,
             silence_means_resolved: self.started.elapsed() >= STARTUP_GRACE,
         });
+        if let Some(pause) = self.pause_state().await {
+            crate::pause::apply(&mut plan, &pause);
+        }
         self.confirm(&mut plan, &alerts, only).await;
         self.executor.execute(&plan, &view, &listed, only).await;
         Ok(plan)
+    }
+
+    /// The brake ([`crate::pause`]), read from the Lease on every pass that could write. A Lease
+    /// that cannot be read counts as paused (fail closed).
+    async fn pause_state(&self) -> Option<crate::pause::Pause> {
+        let kube = self.executor.cluster()?;
+        let lease = &self.config.lease;
+        let state = match crate::pause::read(kube, &lease.namespace, &lease.name).await {
+            Ok(p) => p,
+            Err(e) => Some(crate::pause::Pause::new(
+                "ark-healer",
+                &format!(
+                    "the pause state on Lease {}/{} is unreadable: {e}",
+                    lease.namespace, lease.name
+                ),
+                Timestamp::now(),
+            )),
+        };
+        self.executor
+            .metrics()
+            .paused
+            .set(i64::from(state.is_some()));
+        state
     }
 
     /// Every replica serves the webhook, so Alertmanager's notifications reach either: on each

@@ -68,6 +68,10 @@ impl<C: Cluster> Executor<C> {
         }
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     pub fn cluster(&self) -> Option<&C> {
         self.cluster.as_ref()
     }

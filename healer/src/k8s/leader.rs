@@ -139,8 +139,18 @@ impl LeaderElector {
         Ok(true)
     }
 
-    /// One acquire/renew attempt, saying when another holder's lease expires.
+    /// One acquire/renew attempt, saying when another holder's lease expires. A 409 on the
+    /// renewal of a Lease we hold means it changed without a takeover (e.g. `ark-healer pause`
+    /// annotated it): read it again once rather than step down.
     async fn attempt(&self) -> Result<Attempt> {
+        match self.attempt_once().await? {
+            (Attempt::Lost, true) => Ok(self.attempt_once().await?.0),
+            (a, _) => Ok(a),
+        }
+    }
+
+    /// One acquire/renew attempt, and whether we held the Lease when it began.
+    async fn attempt_once(&self) -> Result<(Attempt, bool)> {
         let api: Api<Lease> = Api::namespaced(self.kube.client.clone(), &self.cfg.namespace);
         let now = Timestamp::now();
         let duration = self.cfg.duration_seconds as i32;
@@ -170,8 +180,8 @@ impl LeaderElector {
                 .call("create lease", || api.create(&pp, &lease))
                 .await
             {
-                Ok(_) => Ok(Attempt::Held),
-                Err(e) if e.api_status() == Some(409) => Ok(Attempt::Lost),
+                Ok(_) => Ok((Attempt::Held, false)),
+                Err(e) if e.api_status() == Some(409) => Ok((Attempt::Lost, false)),
                 Err(e) => Err(e),
             };
         };
@@ -184,9 +194,12 @@ impl LeaderElector {
             t.0.as_millisecond() + d * 1000 - now.as_millisecond()
         });
         if !mine && !holder.is_empty() && left_ms >= 0 {
-            return Ok(Attempt::Standby {
-                expires_in: Duration::from_millis(left_ms.unsigned_abs()),
-            });
+            return Ok((
+                Attempt::Standby {
+                    expires_in: Duration::from_millis(left_ms.unsigned_abs()),
+                },
+                false,
+            ));
         }
         if !mine {
             spec.holder_identity = Some(self.identity.clone());
@@ -200,8 +213,8 @@ impl LeaderElector {
             .call("update lease", || api.replace(&self.cfg.name, &pp, &lease))
             .await
         {
-            Ok(_) => Ok(Attempt::Held),
-            Err(e) if e.api_status() == Some(409) => Ok(Attempt::Lost),
+            Ok(_) => Ok((Attempt::Held, mine)),
+            Err(e) if e.api_status() == Some(409) => Ok((Attempt::Lost, mine)),
             Err(e) => Err(e),
         }
     }
