@@ -23,10 +23,29 @@ pub struct Metrics {
     pub webhook_requests: IntCounterVec,
     pub queue_depth: IntGauge,
     pub is_leader: IntGauge,
+    /// Nodes whose remediation the budget, cooldown or repeat-offender rule holds back now
+    /// (`node`, `reason`): one series per such node, so an alert can say which and for how long.
+    pub node_blocked: IntGaugeVec,
+    /// When the running step of each open ticket began (`node`, `action`).
+    pub ticket_step_started: prometheus::GaugeVec,
+    /// Nodes whose ticket escalated to humans and is still there (`node`, `condition`).
+    pub tickets_escalated: IntGaugeVec,
     /// 1 while `ark-healer pause` holds (as this replica last read it; also 1 when unreadable).
     pub paused: IntGauge,
     pub kube_retries: IntCounterVec,
     pub steps_total: IntCounterVec,
+}
+
+impl Metrics {
+    /// Forgets the per-node gauges only the leader keeps (a replica that stops leading must not
+    /// keep reporting the cluster as it last saw it).
+    pub fn clear_leader_gauges(&self) {
+        self.node_blocked.reset();
+        self.ticket_step_started.reset();
+        self.tickets_escalated.reset();
+        self.condition_nodes.reset();
+        self.paused.set(0);
+    }
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> Result<T> {
@@ -147,6 +166,41 @@ impl Metrics {
                 IntGauge::new(
                     "ark_healer_is_leader",
                     "1 while this replica holds the Lease.",
+                )
+                .map_err(m)?,
+            )?,
+            node_blocked: reg(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "ark_healer_node_blocked",
+                        "1 for each node whose remediation is held back now by the disruption \
+                         budget, cooldown or repeat-offender rule (leader only).",
+                    ),
+                    &["node", "reason"],
+                )
+                .map_err(m)?,
+            )?,
+            ticket_step_started: reg(
+                registry,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "ark_healer_ticket_step_started_timestamp_seconds",
+                        "Start of the running step of each open ticket (leader only).",
+                    ),
+                    &["node", "action"],
+                )
+                .map_err(m)?,
+            )?,
+            tickets_escalated: reg(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "ark_healer_ticket_escalated",
+                        "1 for each node whose ticket escalated to humans and was not cleared \
+                         (leader only).",
+                    ),
+                    &["node", "condition"],
                 )
                 .map_err(m)?,
             )?,

@@ -353,7 +353,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                     () = tokio::time::sleep(wait) => {}
                 }
                 if !fence.holds() {
-                    // A standby keeps what it receives; it plans only once it leads.
+                    // A standby keeps what it receives; it plans only once it leads, and does
+                    // not report the cluster as it last saw it.
+                    lp.executor.metrics().clear_leader_gauges();
                     next_full = Instant::now() + interval;
                     continue;
                 }

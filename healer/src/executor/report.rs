@@ -9,7 +9,7 @@ use crate::audit::AuditRecord;
 use crate::k8s::{Cluster, node_ticket};
 use crate::lifecycle;
 use crate::planner::{BlockReason, ClusterView, NodePlan, Plan};
-use crate::ticket::TicketStatus;
+use crate::ticket::{StepStatus, TicketStatus};
 
 impl<C: Cluster> Executor<C> {
     pub(super) fn update_gauges(&self, plan: &Plan, view: &ClusterView) {
@@ -20,11 +20,46 @@ impl<C: Cluster> Executor<C> {
             .count();
         self.metrics.tickets_open.set(open as i64);
         self.metrics.condition_nodes.reset();
+        self.metrics.node_blocked.reset();
         for p in &plan.nodes {
             self.metrics
                 .condition_nodes
                 .with_label_values(&[p.condition.as_str()])
                 .inc();
+            if let Some(
+                r @ (BlockReason::DisruptionBudget
+                | BlockReason::Cooldown
+                | BlockReason::RepeatOffender),
+            ) = p.block_reason
+            {
+                self.metrics
+                    .node_blocked
+                    .with_label_values(&[p.node.as_str(), r.label()])
+                    .set(1);
+            }
+        }
+        // Bounded by the cluster's nodes: at most one series per node in each.
+        self.metrics.ticket_step_started.reset();
+        self.metrics.tickets_escalated.reset();
+        for (name, n) in &view.nodes {
+            let Some(Ok(t)) = &n.ticket else { continue };
+            if t.status == TicketStatus::Escalated {
+                self.metrics
+                    .tickets_escalated
+                    .with_label_values(&[name.as_str(), t.condition.as_str()])
+                    .set(1);
+            }
+            if t.status.is_open()
+                && let Some(w) = t
+                    .workflows
+                    .last()
+                    .filter(|w| w.status == StepStatus::Running)
+            {
+                self.metrics
+                    .ticket_step_started
+                    .with_label_values(&[name.as_str(), w.action.as_str()])
+                    .set(w.at.as_millisecond() as f64 / 1000.0);
+            }
         }
     }
 

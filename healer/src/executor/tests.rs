@@ -394,3 +394,67 @@ proptest! {
         rt.block_on(run_ops(ops))?;
     }
 }
+
+/// The per-node gauges the self-monitoring alerts read (alerts/ark.rules.yml): which node the
+/// budget holds back, and which step a ticket has been in since when.
+#[tokio::test]
+async fn per_node_gauges_name_the_blocked_node_and_the_running_step() {
+    let mut w = world(Catalog::embedded().unwrap(), 1);
+    w.cluster().add_node("n1", false);
+    w.cluster().add_node("n2", false);
+    w.cluster()
+        .lock()
+        .pods
+        .insert("n1".into(), vec![("default".into(), "train-0".into())]);
+    for n in ["n1", "n2"] {
+        w.store
+            .apply(alert(n, "GpuHung", AlertStatus::Firing), Timestamp::now());
+    }
+    w.pass().await; // n1 admitted (cordon, taint, drain waits), n2 over the budget of 1
+    w.pass().await; // n1: drain done, the gpu-reset Job runs
+    w.pass().await; // the gauges read the view this pass starts from
+    let m = &w.exec.metrics;
+    assert_eq!(
+        m.node_blocked
+            .with_label_values(&["n2", "disruption_budget"])
+            .get(),
+        1
+    );
+    let started = m
+        .ticket_step_started
+        .with_label_values(&["n1", "RunJob"])
+        .get();
+    let t = w.ticket("n1").unwrap();
+    let running = t.workflows.last().unwrap();
+    assert_eq!(running.action, "RunJob", "{t:?}");
+    assert_eq!(started, running.at.as_millisecond() as f64 / 1000.0);
+    // Only the leader reports them.
+    m.clear_leader_gauges();
+    let text = m.encode();
+    assert!(!text.contains("ark_healer_node_blocked{"), "{text}");
+    assert!(!text.contains("ark_healer_ticket_step_started_timestamp_seconds{"));
+}
+
+#[tokio::test]
+async fn an_escalated_ticket_is_reported_until_it_is_cleared() {
+    let mut w = world(Catalog::embedded().unwrap(), 2);
+    w.cluster().add_node("n1", false);
+    w.store.apply(
+        alert("n1", "GpuNvlinkDown", AlertStatus::Firing),
+        Timestamp::now(),
+    );
+    w.pass().await; // Cordon, Taint, RunJob(diagnose) created
+    let jobs = w.jobs();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    w.cluster().finish_job(&jobs[0], true);
+    w.pass().await; // diagnose done, Escalate
+    assert_eq!(w.ticket("n1").unwrap().status, TicketStatus::Escalated);
+    w.pass().await;
+    let m = &w.exec.metrics;
+    assert_eq!(
+        m.tickets_escalated
+            .with_label_values(&["n1", "GpuNvlinkDown"])
+            .get(),
+        1
+    );
+}
