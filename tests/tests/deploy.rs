@@ -1,5 +1,7 @@
-//! `deploy/base` renders with kustomize and its core resources are accepted by a real kube-apiserver
-//! (`kubectl apply --dry-run=server`); the prometheus-operator overlay renders and its generated
+//! Every kustomization under `deploy/` renders with today's kubectl (kustomize v5) without a
+//! warning, and what it renders is accepted by the project's real kube-apiserver v1.20
+//! (`kubectl apply --dry-run=server`); the default install observes only and the `act` overlay
+//! remediates; the prometheus-operator overlay renders and its generated
 //! PrometheusRule is up to date with `alerts/` and passes `promtool check rules`; the plain
 //! Prometheus scrape snippet passes `promtool check config`.
 //!
@@ -10,6 +12,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use ark_harness::{KubeCluster, repo_root};
+use serde::Deserialize;
 use serde_yaml::Value;
 
 const GENERATED: &str = "deploy/prometheus-operator/prometheusrule.yaml";
@@ -85,8 +88,84 @@ fn run(cmd: &Path, args: &[&str], stdin: Option<&str>) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The kubectl that matches the tests' 1.20 apiserver (from `scripts/build-kube`).
 fn kubectl() -> Result<PathBuf> {
     Ok(ark_harness::kube_bin_dir()?.join("kubectl"))
+}
+
+/// Today's kubectl, whose kustomize (v5) is what users render with: `ARK_KUBECTL`, else
+/// `/usr/bin/kubectl` (preinstalled on the machine image, shared/REAL-SERVICES.md).
+fn current_kubectl() -> Result<PathBuf> {
+    let path = std::env::var_os("ARK_KUBECTL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/kubectl"));
+    let version = run(&path, &["version", "--client", "-o", "json"], None).with_context(|| {
+        format!(
+            "a current kubectl (>= 1.27, kustomize v5) is needed at {} (or set ARK_KUBECTL)",
+            path.display()
+        )
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&version)?;
+    let kustomize = v["kustomizeVersion"].as_str().unwrap_or_default();
+    if !kustomize.starts_with("v5") {
+        bail!(
+            "{} has kustomize {kustomize:?}; rendering needs v5",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// `kubectl kustomize <dir>` with today's kubectl; a warning on stderr (e.g. a deprecated
+/// field) is a failure.
+fn render(dir: &str) -> Result<String> {
+    let out = Command::new(current_kubectl()?)
+        .args(["kustomize", dir])
+        .current_dir(repo_root())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || !stderr.trim().is_empty() {
+        bail!("kubectl kustomize {dir} ({}):\n{stderr}", out.status);
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Every object of a rendered multi-document YAML.
+fn objects(rendered: &str) -> Result<Vec<Value>> {
+    let mut all = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(rendered) {
+        let v = Value::deserialize(doc)?;
+        if !v.is_null() {
+            all.push(v);
+        }
+    }
+    Ok(all)
+}
+
+fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> Result<&'a Value> {
+    objs.iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .with_context(|| format!("no {kind} {name} rendered"))
+}
+
+/// The healer container's `env` of a rendered Deployment: `(name, value)`.
+fn healer_env(objs: &[Value]) -> Result<Vec<(String, String)>> {
+    let d = find(objs, "Deployment", "ark-healer")?;
+    let c = d["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == "ark-healer"))
+        .context("no ark-healer container")?;
+    Ok(c["env"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap_or_default().to_owned(),
+                e["value"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect())
 }
 
 #[test]
@@ -197,11 +276,7 @@ fn overlay_renders_with_servicemonitors_and_rules() -> Result<()> {
     if ark_harness::skip_without_services("overlay_renders_with_servicemonitors_and_rules") {
         return Ok(());
     }
-    let out = run(
-        &kubectl()?,
-        &["kustomize", "deploy/prometheus-operator"],
-        None,
-    )?;
+    let out = render("deploy/prometheus-operator")?;
     for kind in [
         "kind: PrometheusRule",
         "kind: ServiceMonitor",
@@ -219,7 +294,7 @@ async fn base_is_accepted_by_a_real_apiserver() -> Result<()> {
         return Ok(());
     }
     let kube = KubeCluster::start().await?;
-    let rendered = run(&kubectl()?, &["kustomize", "deploy/base"], None)?;
+    let rendered = render("deploy/base")?;
     let kinds: Vec<&str> = rendered
         .lines()
         .filter(|l| l.starts_with("kind: "))
@@ -274,5 +349,94 @@ async fn base_is_accepted_by_a_real_apiserver() -> Result<()> {
     )
     .expect_err("a non-boolean hostPID must be refused");
     assert!(err.to_string().to_lowercase().contains("hostpid"), "{err}");
+    Ok(())
+}
+
+/// Deliver 17 §2–3: the default install observes only, the `act` overlay remediates, both carry
+/// the recommended labels, the namespace allows the exporter (Pod Security `privileged`), the
+/// exporter runs on GPU nodes — and the 1.20 apiserver accepts the act overlay too.
+#[tokio::test]
+async fn the_default_install_observes_only_and_the_act_overlay_remediates() -> Result<()> {
+    if ark_harness::skip_without_services(
+        "the_default_install_observes_only_and_the_act_overlay_remediates",
+    ) {
+        return Ok(());
+    }
+    let base = objects(&render("deploy/base")?)?;
+    let act_text = render("deploy/overlays/act")?;
+    let act = objects(&act_text)?;
+    for (what, objs) in [("base", &base), ("act", &act)] {
+        for o in objs.iter() {
+            let labels = &o["metadata"]["labels"];
+            for key in [
+                "app.kubernetes.io/name",
+                "app.kubernetes.io/instance",
+                "app.kubernetes.io/version",
+                "app.kubernetes.io/part-of",
+                "app.kubernetes.io/managed-by",
+            ] {
+                if labels[key].as_str().is_none_or(str::is_empty) {
+                    bail!(
+                        "{what}: {} {} lacks label {key}",
+                        o["kind"].as_str().unwrap_or("?"),
+                        o["metadata"]["name"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+        }
+        let ns = find(objs, "Namespace", "ark-system")?;
+        assert_eq!(
+            ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged",
+            "{what}"
+        );
+        let ds = find(objs, "DaemonSet", "ark-exporter")?;
+        assert_eq!(
+            ds["spec"]["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.present"], "true",
+            "{what}: the exporter is not placed on GPU nodes"
+        );
+        assert_eq!(
+            ds["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"], "exporter",
+            "{what}"
+        );
+    }
+    let cm = find(&base, "ConfigMap", "ark-healer")?;
+    let toml = cm["data"]["healer.toml"].as_str().context("healer.toml")?;
+    assert!(
+        toml.lines().any(|l| l.trim() == "dry_run = true"),
+        "the default install is not observe-only:\n{toml}"
+    );
+    let base_env = healer_env(&base)?;
+    assert!(
+        !base_env.iter().any(|(k, _)| k == "ARK_DRY_RUN"),
+        "{base_env:?}"
+    );
+    let act_env = healer_env(&act)?;
+    assert!(
+        act_env.contains(&("ARK_DRY_RUN".into(), "false".into())),
+        "the act overlay does not turn remediation on: {act_env:?}"
+    );
+    assert!(
+        act_env.iter().any(|(k, _)| k == "POD_NAME"),
+        "the act overlay lost the base's env: {act_env:?}"
+    );
+
+    let kube = KubeCluster::start().await?;
+    kube.kubectl(&["create", "namespace", "ark-system"])?;
+    let kubeconfig = kube.kubeconfig("admin");
+    let out = run(
+        &kubectl()?,
+        &[
+            &format!("--kubeconfig={}", kubeconfig.display()),
+            "apply",
+            "--dry-run=server",
+            "-f",
+            "-",
+        ],
+        Some(&act_text),
+    )?;
+    assert!(
+        out.contains("deployment.apps/ark-healer created (server dry run)"),
+        "{out}"
+    );
     Ok(())
 }
