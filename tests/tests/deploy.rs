@@ -438,5 +438,39 @@ async fn the_default_install_observes_only_and_the_act_overlay_remediates() -> R
         out.contains("deployment.apps/ark-healer created (server dry run)"),
         "{out}"
     );
+
+    // The dashboards' provisioning ConfigMap carries every dashboard file, and is valid.
+    let dashboards_text = render("dashboards")?;
+    let dashboards = objects(&dashboards_text)?;
+    let cm = find(&dashboards, "ConfigMap", "ark-dashboards")?;
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    for f in std::fs::read_dir(repo_root().join("dashboards"))? {
+        let name = f?.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".json") {
+            let data = cm["data"][name.as_str()].as_str().unwrap_or_default();
+            assert!(
+                serde_json::from_str::<serde_json::Value>(data).is_ok(),
+                "dashboards/{name} is not in the provisioning ConfigMap (dashboards/kustomization.yaml)"
+            );
+        }
+    }
+    kube.kubectl(&["create", "namespace", "monitoring"])?;
+    let out = run(
+        &kubectl()?,
+        &[
+            &format!("--kubeconfig={}", kubeconfig.display()),
+            "-n",
+            "monitoring",
+            "apply",
+            "--dry-run=server",
+            "-f",
+            "-",
+        ],
+        Some(&dashboards_text),
+    )?;
+    assert!(
+        out.contains("configmap/ark-dashboards created (server dry run)"),
+        "{out}"
+    );
     Ok(())
 }
