@@ -452,7 +452,7 @@ impl Pipeline {
                         vec![
                             ("scene", s.scene),
                             ("entity", s.entity),
-                            ("job", s.job),
+                            ("job_id", s.job),
                             ("severity", s.severity),
                         ],
                         1.0,
@@ -484,7 +484,7 @@ impl Pipeline {
                 (
                     vec![
                         ("pid", pid),
-                        ("job", job),
+                        ("job_id", job),
                         ("pod", pod),
                         ("namespace", ns),
                         ("resource", res),
@@ -508,7 +508,7 @@ impl Pipeline {
             x.root_cause.into_iter().map(|[job, pod, ns, res, cause]| {
                 (
                     vec![
-                        ("job", job),
+                        ("job_id", job),
                         ("pod", pod),
                         ("namespace", ns),
                         ("resource", res),

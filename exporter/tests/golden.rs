@@ -5,6 +5,7 @@
 //! Regenerate after an intended change: `ARK_UPDATE_GOLDEN=1 cargo test -p ark-exporter --test golden`.
 
 mod common;
+use common::golden::{Order, compare_or_update};
 
 use std::path::Path;
 
@@ -20,14 +21,6 @@ use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-
-fn sorted(text: &str) -> String {
-    let mut lines: Vec<&str> = text.lines().collect();
-    lines.sort_unstable();
-    let mut s = lines.join("\n");
-    s.push('\n');
-    s
-}
 
 async fn scrape() -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -63,17 +56,7 @@ async fn scrape() -> String {
 async fn metrics_match_golden_and_pass_promtool() {
     let text = scrape().await;
     let golden_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/metrics.txt");
-    if std::env::var_os("ARK_UPDATE_GOLDEN").is_some() {
-        std::fs::write(&golden_path, &text).unwrap();
-    }
-    let golden = std::fs::read_to_string(&golden_path)
-        .expect("golden file missing: run with ARK_UPDATE_GOLDEN=1 to create it");
-    assert_eq!(
-        sorted(&text),
-        sorted(&golden),
-        "/metrics differs from {} (ARK_UPDATE_GOLDEN=1 regenerates it)",
-        golden_path.display()
-    );
+    compare_or_update(&golden_path, &text, Order::Sorted);
 
     // Every series carries the node label.
     for line in text.lines().filter(|l| !l.starts_with('#')) {
@@ -82,9 +65,9 @@ async fn metrics_match_golden_and_pass_promtool() {
     // What the fixture is there to show.
     for needle in [
         "ark_blocked_by{resource=\"gpu-1\",error=\"error.hw\",node=\"golden\"} 1",
-        "ark_root_cause{job=\"train-a\",pod=\"trainer-a-0\",namespace=\"ml\",resource=\"gpu-1\",cause=\"error.hw\",node=\"golden\"} 1",
-        "ark_waits_on{pid=\"2000\",job=\"ckpt\",pod=\"\",namespace=\"\",resource=\"nvme0n1\",node=\"golden\"} 1",
-        "ark_scene_active{scene=\"hardware.gpu.xid_error\",entity=\"gpu-1\",job=\"\",severity=\"critical\",node=\"golden\"} 1",
+        "ark_root_cause{job_id=\"train-a\",pod=\"trainer-a-0\",namespace=\"ml\",resource=\"gpu-1\",cause=\"error.hw\",node=\"golden\"} 1",
+        "ark_waits_on{pid=\"2000\",job_id=\"ckpt\",pod=\"\",namespace=\"\",resource=\"nvme0n1\",node=\"golden\"} 1",
+        "ark_scene_active{scene=\"hardware.gpu.xid_error\",entity=\"gpu-1\",job_id=\"\",severity=\"critical\",node=\"golden\"} 1",
         "ark_scene_active{scene=\"network.tcp.retransmit_burst\"",
         "ark_events_dropped_total{reason=\"malformed_json\",node=\"golden\"} 2",
         "ark_events_dropped_total{reason=\"unknown_event_type\",node=\"golden\"} 1",
@@ -98,4 +81,27 @@ async fn metrics_match_golden_and_pass_promtool() {
     }
 
     common::promtool_check(&text);
+}
+
+mod helper {
+    use super::common::golden::{Order, difference, sorted};
+
+    #[test]
+    fn equal_texts_have_no_difference_and_order_counts_only_when_exact() {
+        assert_eq!(difference("a 1\nb 2\n", "a 1\nb 2\n", Order::Exact), "");
+        assert_eq!(difference("a 1\nb 2\n", "b 2\na 1\n", Order::Sorted), "");
+        assert!(!difference("a 1\nb 2\n", "b 2\na 1\n", Order::Exact).is_empty());
+        assert_eq!(sorted("b\na"), "a\nb\n");
+    }
+
+    #[test]
+    fn a_changed_line_is_named_on_both_sides() {
+        let d = difference("a 1\nb 2\nc 3\n", "a 1\nb 5\nc 3\nd 4\n", Order::Sorted);
+        assert!(d.contains("first difference at line 2"), "{d}");
+        assert!(d.contains("only in the golden file (1):\n  b 2"), "{d}");
+        assert!(
+            d.contains("only in the output now (2):\n  b 5\n  d 4"),
+            "{d}"
+        );
+    }
 }

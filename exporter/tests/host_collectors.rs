@@ -89,14 +89,6 @@ fn find<'a>(evs: &'a [Event], t: EventType, entity: &str) -> Vec<&'a Event> {
         .collect()
 }
 
-fn sorted(text: &str) -> String {
-    let mut lines: Vec<&str> = text.lines().collect();
-    lines.sort_unstable();
-    let mut s = lines.join("\n");
-    s.push('\n');
-    s
-}
-
 #[test]
 fn golden_metrics_pass_promtool_and_cover_the_design_table() {
     let cfg = cfg_at(&fixture());
@@ -118,18 +110,7 @@ fn golden_metrics_pass_promtool_and_cover_the_design_table() {
     let events = set.poll_into(T0 + 2000, &telemetry);
     let text = telemetry.encode();
     let golden_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/host_metrics.txt");
-    if std::env::var_os("ARK_UPDATE_GOLDEN").is_some() {
-        std::fs::create_dir_all(golden_path.parent().unwrap()).unwrap();
-        std::fs::write(&golden_path, &text).unwrap();
-    }
-    let golden = std::fs::read_to_string(&golden_path)
-        .expect("golden file missing: run with ARK_UPDATE_GOLDEN=1 to create it");
-    assert_eq!(
-        sorted(&text),
-        sorted(&golden),
-        "/metrics differs from {} (ARK_UPDATE_GOLDEN=1 regenerates it)",
-        golden_path.display()
-    );
+    common::golden::compare_or_update(&golden_path, &text, common::golden::Order::Sorted);
     promtool_check(&text);
 
     // DESIGN.md network/storage rows owned by these collectors, and what the fixture shows.

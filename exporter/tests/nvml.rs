@@ -42,14 +42,6 @@ use tower::ServiceExt;
 /// 2025-11-23T12:53:20Z: a fixed clock for the golden run.
 const T0: i64 = 1_763_902_400_000;
 
-fn sorted(text: &str) -> String {
-    let mut lines: Vec<&str> = text.lines().collect();
-    lines.sort_unstable();
-    let mut s = lines.join("\n");
-    s.push('\n');
-    s
-}
-
 /// Families this test owns: the GPU ones and what the NVML events do to the graph. The core's
 /// other families are covered by `tests/golden.rs` and may change without touching this file.
 fn ours(line: &str) -> bool {
@@ -172,17 +164,7 @@ async fn golden_metrics_and_promtool() {
     });
     let text = normalise(&scrape(app).await);
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/nvml_metrics.txt");
-    if std::env::var_os("ARK_UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, &text).unwrap();
-    }
-    let golden = std::fs::read_to_string(&path)
-        .expect("golden file missing: run with ARK_UPDATE_GOLDEN=1 to create it");
-    assert_eq!(
-        sorted(&text),
-        sorted(&golden),
-        "/metrics differs from {} (ARK_UPDATE_GOLDEN=1 regenerates it)",
-        path.display()
-    );
+    let golden = common::golden::compare_or_update(&path, &text, common::golden::Order::Sorted);
     promtool_check(&golden);
 
     // What the golden file must say, spelled out so that a regenerated file cannot lose it.

@@ -11,9 +11,15 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 const DEFAULT_CATALOG: &str = include_str!("../catalog.yaml");
-/// NVIDIA's XID catalog (copy of `shared/data/xid-catalog.csv`): the source of the XID → condition
-/// mapping, derived from its `immediate_action` column by [`condition_for_action`].
-const XID_CATALOG: &str = include_str!("../data/xid-catalog.csv");
+/// The repository's one XID table (NVIDIA's catalog plus Ark's columns): the XID → condition
+/// mapping is its `ark_condition` column.
+const XID_CSV: &str = include_str!("../../data/xid.csv");
+
+/// The one parser of `data/xid.csv` (shared with the exporter and the tests).
+#[allow(dead_code)] // the healer reads only the condition column
+mod xid_table {
+    include!(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/xid.rs"));
+}
 
 /// The taint the healer puts on nodes it takes out of service.
 pub const UNHEALTHY_TAINT: &str = "ark.io/unhealthy";
@@ -200,56 +206,13 @@ pub const MAX_SOP_STEPS: usize = 16;
 /// Job templates that take capacity away (a RunJob may override with `disruptive:`).
 pub const DISRUPTIVE_TEMPLATES: &[&str] = &["reboot", "gpu-reset", "repair"];
 
-/// Maps NVIDIA's `immediate_action` to a catalog condition (see `data/xid-catalog.csv`).
-/// DESIGN.md's lists win where they are more specific (e.g. XID 48 is GpuXidFatal although its
-/// action is `WORKFLOW_XID_48`; XID 43 is an application error although its action is `IGNORE`).
-pub fn condition_for_action(xid: u32, action: &str) -> Option<&'static str> {
-    match xid {
-        48 => return Some("GpuXidFatal"),
-        13 | 31 | 43 | 45 | 68 | 94 => return Some("GpuXidApplication"),
-        _ => {}
-    }
-    match action {
-        "RESTART_BM" => Some("GpuFellOffBus"),
-        "RESET_GPU" => Some("GpuXidFatal"),
-        "WORKFLOW_NVLINK_ERR" | "WORKFLOW_NVLINK5_ERR" => Some("GpuNvlinkDown"),
-        "RESTART_APP" => Some("GpuXidApplication"),
-        _ => None,
-    }
-}
-
-/// Derives XID → condition from the embedded CSV (`xid,mnemonic,description,immediate_action,...`).
+/// XID → condition from `data/xid.csv` (rows without an `ark_condition` map to nothing).
 fn xid_table() -> BTreeMap<u32, String> {
-    let mut out = BTreeMap::new();
-    for line in XID_CATALOG.lines().skip(1) {
-        let fields = split_csv(line);
-        let (Some(xid), Some(action)) = (fields.first(), fields.get(3)) else {
-            continue;
-        };
-        let Ok(xid) = xid.parse::<u32>() else {
-            continue;
-        };
-        if let Some(c) = condition_for_action(xid, action) {
-            out.insert(xid, c.to_owned());
-        }
-    }
-    out
-}
-
-/// Minimal CSV split with double-quoted fields (the catalog quotes descriptions with commas).
-fn split_csv(line: &str) -> Vec<String> {
-    let mut fields = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    for c in line.chars() {
-        match c {
-            '"' => quoted = !quoted,
-            ',' if !quoted => fields.push(std::mem::take(&mut cur)),
-            c => cur.push(c),
-        }
-    }
-    fields.push(cur);
-    fields
+    xid_table::parse_xid_csv(XID_CSV)
+        .expect("data/xid.csv is valid (tested)")
+        .into_iter()
+        .filter_map(|r| Some((r.xid, r.condition?)))
+        .collect()
 }
 
 impl Catalog {

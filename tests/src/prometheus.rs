@@ -1,6 +1,7 @@
 //! Real Prometheus and Alertmanager (Debian packages) with generated configs, on free loopback
 //! ports, ready only when Prometheus sees its targets up and its Alertmanager discovered.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -36,13 +37,47 @@ fn pick_port(wanted: Option<u16>) -> Result<u16> {
     }
 }
 
+/// One static scrape target, scraped as deploy/prometheus scrapes the exporter: its `labels` are
+/// target labels and win over what the target exports (a clashing exported label arrives as
+/// `exported_<name>`, e.g. the exporter's own `node`).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub job: String,
+    /// `127.0.0.1:port`
+    pub addr: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Target {
+    pub fn new(job: impl Into<String>, addr: impl Into<String>) -> Self {
+        Self {
+            job: job.into(),
+            addr: addr.into(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// A target that runs on Kubernetes node `node`: the `node` label that deploy/ takes from
+    /// the scraped pod's node (`__meta_kubernetes_pod_node_name`), never from the target itself.
+    pub fn on_node(job: impl Into<String>, addr: impl Into<String>, node: &str) -> Self {
+        Self::new(job, addr).label("node", node)
+    }
+
+    pub fn label(mut self, name: &str, value: &str) -> Self {
+        self.labels.insert(name.to_owned(), value.to_owned());
+        self
+    }
+}
+
 /// What Prometheus scrapes and evaluates.
 #[derive(Debug, Clone)]
 pub struct PromConfig {
     pub scrape_interval: Duration,
     pub evaluation_interval: Duration,
-    /// `(job, "127.0.0.1:port")` static targets.
-    pub targets: Vec<(String, String)>,
+    pub targets: Vec<Target>,
+    /// Whole scrape jobs as written in a Prometheus config (e.g. deploy/prometheus/scrape.yml's
+    /// with a static target in place of Kubernetes discovery), added after `targets`.
+    pub jobs: Vec<serde_yaml::Value>,
     pub rule_files: Vec<PathBuf>,
     /// `127.0.0.1:port` of an Alertmanager to send alerts to.
     pub alertmanager: Option<String>,
@@ -50,8 +85,6 @@ pub struct PromConfig {
     pub wait_targets_up: bool,
     /// Use this port instead of a free one (fails clearly when taken).
     pub port: Option<u16>,
-    /// Keep the exporter's own `job`/`pod`/`namespace` labels (as deploy/prometheus does).
-    pub honor_labels: bool,
 }
 
 impl Default for PromConfig {
@@ -64,9 +97,55 @@ impl Default for PromConfig {
             alertmanager: None,
             wait_targets_up: true,
             port: None,
-            honor_labels: true,
+            jobs: Vec::new(),
         }
     }
+}
+
+/// `scrape_configs:` of `cfg`: one job per target (Prometheus' defaults: target labels win),
+/// then `cfg.jobs`.
+fn scrape_configs(cfg: &PromConfig) -> serde_yaml::Value {
+    use serde_yaml::Value;
+    let mut jobs: Vec<Value> = cfg
+        .targets
+        .iter()
+        .map(|t| {
+            let mut sc = serde_yaml::Mapping::new();
+            sc.insert(
+                "targets".into(),
+                Value::Sequence(vec![t.addr.clone().into()]),
+            );
+            if !t.labels.is_empty() {
+                let labels = t
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (Value::from(k.clone()), Value::from(v.clone())))
+                    .collect();
+                sc.insert("labels".into(), Value::Mapping(labels));
+            }
+            let mut job = serde_yaml::Mapping::new();
+            job.insert("job_name".into(), t.job.clone().into());
+            job.insert("static_configs".into(), Value::Sequence(vec![sc.into()]));
+            Value::Mapping(job)
+        })
+        .collect();
+    jobs.extend(cfg.jobs.iter().cloned());
+    let mut top = serde_yaml::Mapping::new();
+    top.insert("scrape_configs".into(), Value::Sequence(jobs));
+    Value::Mapping(top)
+}
+
+/// How many static targets `cfg` has, `jobs` included.
+fn target_count(cfg: &PromConfig) -> usize {
+    let in_jobs: usize = cfg
+        .jobs
+        .iter()
+        .filter_map(|j| j["static_configs"].as_sequence())
+        .flatten()
+        .filter_map(|sc| sc["targets"].as_sequence())
+        .map(Vec::len)
+        .sum();
+    cfg.targets.len() + in_jobs
 }
 
 /// A running Prometheus. Stopped on drop.
@@ -103,13 +182,7 @@ impl Prometheus {
                 "alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: [{am:?}]\n"
             ));
         }
-        yaml.push_str("scrape_configs:\n");
-        for (job, addr) in &cfg.targets {
-            yaml.push_str(&format!(
-                "  - job_name: {job:?}\n    honor_labels: {}\n    static_configs:\n      - targets: [{addr:?}]\n",
-                cfg.honor_labels
-            ));
-        }
+        yaml.push_str(&serde_yaml::to_string(&scrape_configs(&cfg))?);
         let config = dir.path().join("prometheus.yml");
         std::fs::write(&config, yaml)?;
         let mut cmd = Command::new(bin);
@@ -157,7 +230,7 @@ impl Prometheus {
     }
 
     async fn wait_ready(&self, cfg: &PromConfig) -> Result<()> {
-        let expect_targets = cfg.targets.len();
+        let expect_targets = target_count(cfg);
         let wait_up = cfg.wait_targets_up;
         let want_am = cfg.alertmanager.is_some();
         // Static targets and the Alertmanager list appear on the discovery manager's first

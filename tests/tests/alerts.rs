@@ -38,6 +38,13 @@ const CATALOG_WITH_ALERTS: &[&str] = &[
     "GpuXidApplication",
 ];
 
+/// Alerts for people, not for the healer: they carry no `condition` label, so Alertmanager
+/// never routes them to the healer (alerts/README.md, "Identity").
+const PEOPLE_ALERTS: &[&str] = &["ArkNodeIdentityMismatch"];
+
+/// The Alertmanager receiver of everything that is not a healer condition.
+const DEFAULT_RECEIVER: &str = "default";
+
 const SEVERITIES: &[&str] = &["critical", "warning", "info"];
 
 /// Where the webhook of the healer is, and the receiver that Ark alerts must resolve to.
@@ -442,7 +449,12 @@ fn contract_problems(
                 "{at}: a second rule with this alertname (one rule per condition)"
             ));
         }
+        let for_people = PEOPLE_ALERTS.contains(&a.name.as_str());
         match a.labels.get("condition") {
+            None if for_people => {}
+            Some(c) if for_people => problems.push(format!(
+                "{at}: an alert for people has condition {c:?}: it would reach the healer"
+            )),
             None => problems.push(format!("{at}: no `condition` label")),
             Some(c) if !CATALOG_WITH_ALERTS.contains(&c.as_str()) => problems.push(format!(
                 "{at}: condition {c:?} is not in DESIGN.md's catalog"
@@ -482,6 +494,9 @@ fn contract_problems(
     // `node` must survive every expression: each firing expectation of the unit tests has it.
     for (file, labels) in expected {
         for key in ["node", "condition", "severity"] {
+            if key == "condition" && PEOPLE_ALERTS.contains(&labels["alertname"].as_str()) {
+                continue;
+            }
             if labels.get(key).is_none_or(|v| v.is_empty()) {
                 problems.push(format!(
                     "{file}: an expected {} alert has no `{key}` label: {labels:?}",
@@ -553,6 +568,40 @@ fn durations_are_recognised() {
     for bad in ["", "10", "m", "soon", "10 m", "1.5h"] {
         assert!(!is_duration(bad), "{bad}");
     }
+}
+
+#[test]
+fn contract_check_reports_an_alert_for_people_that_would_reach_the_healer() {
+    let rule = AlertRule {
+        file: "identity.rules.yml".into(),
+        name: "ArkNodeIdentityMismatch".into(),
+        expr: "ark_collector_up{exported_node!=\"\"} unless on (node) up".into(),
+        for_: Some("0m".into()),
+        keep_firing_for: None,
+        labels: [
+            (
+                "condition".to_string(),
+                "ArkNodeIdentityMismatch".to_string(),
+            ),
+            ("severity".to_string(), "critical".to_string()),
+        ]
+        .into(),
+        annotations: [
+            ("summary".to_string(), "s".to_string()),
+            ("description".to_string(), "d".to_string()),
+        ]
+        .into(),
+    };
+    let problems = contract_problems(std::slice::from_ref(&rule), &[]);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("it would reach the healer")),
+        "{problems:?}"
+    );
+    let mut without = rule;
+    without.labels.remove("condition");
+    assert_eq!(contract_problems(&[without], &[]), Vec::<String>::new());
 }
 
 #[test]
@@ -703,16 +752,18 @@ fn amtool_route_cases_resolve_to_the_expected_receiver() -> Result<()> {
         cases.iter().any(|c| c.2 != HEALER_RECEIVER),
         "no negative route case"
     );
-    // Every alerting rule, with the labels it really carries, must reach the healer.
+    // Every alerting rule, with the labels it really carries, must reach the healer; the
+    // alerts for people must not.
     for alert in load_rules(&rule_files()?)?.alerts {
         let mut labels = alert.labels.clone();
         labels.insert("alertname".into(), alert.name.clone());
         labels.insert("node".into(), "gpu-node-1".into());
-        cases.push((
-            format!("rule {}", alert.name),
-            labels,
-            HEALER_RECEIVER.into(),
-        ));
+        let receiver = if PEOPLE_ALERTS.contains(&alert.name.as_str()) {
+            DEFAULT_RECEIVER
+        } else {
+            HEALER_RECEIVER
+        };
+        cases.push((format!("rule {}", alert.name), labels, receiver.into()));
     }
     let mut failures = Vec::new();
     for (name, labels, receiver) in &cases {
@@ -1282,7 +1333,11 @@ async fn dashboards_return_data_for_a_fault_replay() -> Result<()> {
     let prom = ark_harness::Prometheus::start(ark_harness::PromConfig {
         scrape_interval: std::time::Duration::from_millis(100),
         evaluation_interval: std::time::Duration::from_millis(100),
-        targets: vec![("ark-exporter".into(), addr.to_string())],
+        targets: vec![ark_harness::Target::on_node(
+            "ark-exporter",
+            addr.to_string(),
+            "gpu-node-1",
+        )],
         rule_files: rule_files()?,
         ..ark_harness::PromConfig::default()
     })
@@ -1607,7 +1662,10 @@ async fn healer_dashboard_returns_data_for_an_alert() -> Result<()> {
     let prom = ark_harness::Prometheus::start(ark_harness::PromConfig {
         scrape_interval: std::time::Duration::from_millis(100),
         evaluation_interval: std::time::Duration::from_millis(100),
-        targets: vec![("ark-healer".into(), format!("127.0.0.1:{port}"))],
+        targets: vec![ark_harness::Target::new(
+            "ark-healer",
+            format!("127.0.0.1:{port}"),
+        )],
         ..ark_harness::PromConfig::default()
     })
     .await?;

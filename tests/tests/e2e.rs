@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use ark_harness::{
     Alertmanager, AmConfig, CordonWatch, FakeKubelet, KubeCluster, PromConfig, Prometheus, Service,
-    bin_path, free_port, repo_root, wait_for,
+    Target, bin_path, free_port, repo_root, wait_for,
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -164,9 +164,10 @@ impl Stack {
             targets: nodes
                 .iter()
                 .map(|n| {
-                    (
+                    Target::on_node(
                         format!("ark-exporter-{}", n.name),
                         format!("127.0.0.1:{}", n.port),
+                        &n.name,
                     )
                 })
                 .collect(),

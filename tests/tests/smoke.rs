@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use ark_harness::{Alertmanager, AmConfig, KubeCluster, PromConfig, Prometheus, WebhookSink};
+use ark_harness::{
+    Alertmanager, AmConfig, KubeCluster, PromConfig, Prometheus, Target, WebhookSink,
+};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
@@ -34,7 +36,7 @@ async fn prometheus_scrapes_and_answers_a_query() -> Result<()> {
     let prom = Prometheus::start(PromConfig {
         scrape_interval: Duration::from_millis(100),
         evaluation_interval: Duration::from_millis(100),
-        targets: vec![("smoke".into(), format!("127.0.0.1:{port}"))],
+        targets: vec![Target::new("smoke", format!("127.0.0.1:{port}"))],
         ..PromConfig::default()
     })
     .await?;

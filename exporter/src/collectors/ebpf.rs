@@ -524,6 +524,14 @@ fn local_addresses() -> HashMap<IpAddr, String> {
 mod tests {
     use super::*;
 
+    /// The exporter tests' one golden helper.
+    mod golden {
+        include!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/common/golden.rs"
+        ));
+    }
+
     #[test]
     fn histogram_family_is_cumulative_with_inf_implied() {
         let mut h = IoHistogram::default();
@@ -585,15 +593,7 @@ mod tests {
             .collect();
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/ebpf_metrics.txt");
-        if std::env::var("ARK_UPDATE_GOLDEN").is_ok_and(|v| v == "1") {
-            std::fs::write(&path, &text).unwrap();
-        }
-        assert_eq!(
-            text,
-            std::fs::read_to_string(&path).unwrap_or_default(),
-            "{}",
-            path.display()
-        );
+        golden::compare_or_update(&path, &text, golden::Order::Exact);
         let out = std::process::Command::new("promtool")
             .args(["check", "metrics"])
             .stdin(std::fs::File::open(&path).unwrap())

@@ -30,9 +30,13 @@ fn embedded_catalog_matches_design_priorities() {
 }
 
 #[test]
-fn xid_mapping_is_derived_from_the_nvidia_catalog() {
+fn xid_mapping_is_derived_from_the_xid_table() {
     let c = Catalog::embedded().unwrap();
     assert_eq!(c.resolve(None, Some("79")), Some("GpuFellOffBus"));
+    // 46 (GPU stopped processing) is GpuHung's XID, as in alerts/gpu.rules.yml.
+    assert_eq!(c.resolve(None, Some("46")), Some("GpuHung"));
+    assert_eq!(c.resolve(None, Some("110")), Some("GpuXidFatal"));
+    assert_eq!(c.resolve(None, Some("145")), Some("GpuNvlinkDown"));
     for xid in [48, 64, 95, 62, 109, 119, 120, 136, 140, 143, 155, 156, 158] {
         assert_eq!(
             c.resolve(None, Some(&xid.to_string())),

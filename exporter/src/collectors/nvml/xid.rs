@@ -1,13 +1,14 @@
 //! XIDs: which ones block a GPU in the causal graph, and the monotonic per-(gpu, xid) state behind
 //! `ark_gpu_xid_errors_total` / `ark_gpu_last_xid_timestamp_seconds`.
 //!
-//! Classification comes from NVIDIA's XID catalog (`data/xid-catalog.csv`, a copy of
-//! `shared/data/xid-catalog.csv`, the same table the healer derives its conditions from):
+//! Classification is the `ark_class` column of `data/xid.csv` (the repository's one XID table,
+//! NVIDIA's catalog plus Ark's columns; the healer's conditions and the alerts' XID lists come
+//! from the same rows):
 //! - **application** XIDs (DESIGN.md's `GpuXidApplication` list 13, 31, 43, 45, 68, 94, and every
 //!   XID whose immediate action is `RESTART_APP`) are the workload's fault, not the GPU's;
 //! - **informational** XIDs (immediate action `IGNORE`, or 154 "recovery action changed", which
 //!   only qualifies another XID) say nothing new about the GPU;
-//! - everything else, including XIDs the catalog does not know, is a **fault** of the GPU.
+//! - everything else, including XIDs the table does not know, is a **fault** of the GPU.
 //!
 //! Every XID is counted and time-stamped. Only faults become `error.hw` events (and therefore a
 //! BlockedBy edge that every consuming process inherits): an application XID raised by one job
@@ -22,63 +23,26 @@ use prometheus::proto::{MetricFamily, MetricType};
 use super::source::XidEvent;
 use crate::metrics::family;
 
-const CATALOG: &str = include_str!("../../../data/xid-catalog.csv");
+const XID_CSV: &str = include_str!("../../../../data/xid.csv");
+
+/// The one parser of `data/xid.csv` (shared with the healer and the tests).
+mod table {
+    include!(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/xid.rs"));
+}
+pub use table::{XidClass, XidRow, parse_xid_csv};
 
 /// Most (gpu, xid) series kept; later new pairs fold into `xid="other"` of their GPU.
 pub const MAX_XID_SERIES: usize = 512;
 
-/// What an XID says about the GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum XidClass {
-    Fault,
-    Application,
-    Informational,
-}
-
 fn catalog() -> &'static BTreeMap<u64, XidClass> {
     static TABLE: OnceLock<BTreeMap<u64, XidClass>> = OnceLock::new();
-    TABLE.get_or_init(|| parse_catalog(CATALOG))
-}
-
-/// `xid,mnemonic,description,immediate_action,investigatory_action` → class per XID. Quoted
-/// descriptions may contain commas, so the action is read after the last quoted field.
-pub fn parse_catalog(csv: &str) -> BTreeMap<u64, XidClass> {
-    let mut out = BTreeMap::new();
-    for line in csv.lines().skip(1) {
-        let Some((xid, rest)) = line.split_once(',') else {
-            continue;
-        };
-        let Ok(xid) = xid.trim().parse::<u64>() else {
-            continue;
-        };
-        let fields = split_csv(rest);
-        let action = fields.get(2).map_or("", |s| s.trim());
-        out.insert(xid, classify(xid, action));
-    }
-    out
-}
-
-fn split_csv(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    for c in s.chars() {
-        match c {
-            '"' => quoted = !quoted,
-            ',' if !quoted => out.push(std::mem::take(&mut cur)),
-            _ => cur.push(c),
-        }
-    }
-    out.push(cur);
-    out
-}
-
-fn classify(xid: u64, action: &str) -> XidClass {
-    match (xid, action) {
-        (13 | 31 | 43 | 45 | 68 | 94, _) | (_, "RESTART_APP") => XidClass::Application,
-        (154, _) | (_, "IGNORE") => XidClass::Informational,
-        _ => XidClass::Fault,
-    }
+    TABLE.get_or_init(|| {
+        parse_xid_csv(XID_CSV)
+            .expect("data/xid.csv is valid (tested)")
+            .into_iter()
+            .map(|r| (u64::from(r.xid), r.class))
+            .collect()
+    })
 }
 
 /// Class of an XID (`None`: NVML could not say which → a fault, to be safe).
@@ -191,13 +155,38 @@ mod tests {
     }
 
     #[test]
-    fn quoted_commas_do_not_shift_the_action() {
-        let t = parse_catalog(
-            "xid,m,d,a,i\n45,X,\"a, b, c\",WORKFLOW_XID_45,x\n900,Y,\"q,r\",RESTART_APP,\n901,Z,\"q\",IGNORE,\n",
-        );
-        assert_eq!(t[&45], XidClass::Application);
-        assert_eq!(t[&900], XidClass::Application);
-        assert_eq!(t[&901], XidClass::Informational);
+    fn quoted_commas_do_not_shift_the_columns() {
+        let h = table::XID_CSV_HEADER;
+        let t = parse_xid_csv(&format!(
+            "{h}\n45,X,\"a, b, c\",WORKFLOW_XID_45,x,application,GpuXidApplication\n\
+             900,Y,\"q,\"\"r\"\"\",RESTART_APP,,application,\n901,Z,\"q\",IGNORE,,informational,\n"
+        ))
+        .unwrap();
+        assert_eq!(t[0].class, XidClass::Application);
+        assert_eq!(t[0].condition.as_deref(), Some("GpuXidApplication"));
+        assert_eq!(t[1].immediate_action, "RESTART_APP");
+        assert_eq!(t[1].condition, None);
+        assert_eq!(t[2].class, XidClass::Informational);
+    }
+
+    #[test]
+    fn a_bad_table_is_an_error_naming_its_line() {
+        let h = table::XID_CSV_HEADER;
+        for (text, needle) in [
+            ("xid,m\n".to_owned(), "header"),
+            (
+                format!("{h}\n1,A,d,a,i,fault,\n1,B,d,a,i,fault,\n"),
+                "line 3: xid 1 is not after",
+            ),
+            (format!("{h}\nx,A,d,a,i,fault,\n"), "line 2: xid \"x\""),
+            (format!("{h}\n1,A,d,a,i,broken,\n"), "ark_class \"broken\""),
+            (format!("{h}\n1,A,d,a,i,fault\n"), "6 fields"),
+            (format!("{h}\n1,A,\"d,a,i,fault,\n"), "unterminated"),
+            (format!("{h}\n1,A,d,a,i,fault,Gpu Hung\n"), "is not a name"),
+        ] {
+            let e = parse_xid_csv(&text).unwrap_err();
+            assert!(e.contains(needle), "{e} (wanted {needle:?})");
+        }
     }
 
     #[test]
