@@ -244,3 +244,45 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `ark_healer_*` name the alerts and dashboards may use (alerts/metric-names.txt) is
+    /// one this registry exports: a renamed metric cannot silently blind an alert.
+    #[test]
+    fn metric_names_of_the_contract_are_registered() {
+        let m = Metrics::register(&Registry::new()).unwrap();
+        // Vec families appear once a label set exists.
+        m.node_blocked.with_label_values(&["n", "cooldown"]).set(1);
+        m.ticket_step_started
+            .with_label_values(&["n", "Drain"])
+            .set(1.0);
+        m.tickets_escalated
+            .with_label_values(&["n", "GpuHung"])
+            .set(1);
+        m.sop_total.with_label_values(&["s", "resolved"]).inc();
+        m.condition_nodes.with_label_values(&["GpuHung"]).set(1);
+        m.alerts_received.with_label_values(&["firing"]).inc();
+        m.actions_blocked.with_label_values(&["cooldown"]).inc();
+        m.webhook_requests.with_label_values(&["202"]).inc();
+        let have: Vec<String> = m
+            .registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect();
+        let contract = include_str!("../../alerts/metric-names.txt");
+        let missing: Vec<&str> = contract
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("ark_healer_"))
+            .filter(|n| !have.iter().any(|h| h == n))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "not exported: {missing:?} (have {have:?})"
+        );
+    }
+}

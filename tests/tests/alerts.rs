@@ -38,9 +38,31 @@ const CATALOG_WITH_ALERTS: &[&str] = &[
     "GpuXidApplication",
 ];
 
-/// Alerts for people, not for the healer: they carry no `condition` label, so Alertmanager
-/// never routes them to the healer (alerts/README.md, "Identity").
-const PEOPLE_ALERTS: &[&str] = &["ArkNodeIdentityMismatch"];
+/// Alerts for people, not for the healer: Ark watching itself (`alerts/ark.rules.yml`,
+/// `alerts/identity.rules.yml`). They carry no `condition` label, so Alertmanager never routes
+/// them to the healer (alerts/README.md, "Identity"), and `component: ark`; the cluster-wide
+/// ones (the healer's own health) have no `node`.
+const PEOPLE_ALERTS: &[&str] = &[
+    "ArkNodeIdentityMismatch",
+    "ArkExporterDown",
+    "ArkExporterAbsent",
+    "ArkCollectorDown",
+    "ArkHealerDown",
+    "ArkHealerNoLeader",
+    "ArkHealerWebhookErrors",
+    "ArkSopEscalated",
+    "ArkNodeBlocked",
+    "ArkTicketStuck",
+    "ArkHealerPaused",
+];
+
+/// People alerts about the whole installation rather than one node.
+const CLUSTER_WIDE_ALERTS: &[&str] = &[
+    "ArkHealerDown",
+    "ArkHealerNoLeader",
+    "ArkHealerWebhookErrors",
+    "ArkHealerPaused",
+];
 
 /// The Alertmanager receiver of everything that is not a healer condition.
 const DEFAULT_RECEIVER: &str = "default";
@@ -487,14 +509,22 @@ fn contract_problems(
                 problems.push(format!("{at}: {key} {v:?} is not a duration"));
             }
         }
-        if !a.expr.contains("node") {
+        if !a.expr.contains("node") && !CLUSTER_WIDE_ALERTS.contains(&a.name.as_str()) {
             problems.push(format!("{at}: the expression never mentions `node`"));
+        }
+        if for_people && a.labels.get("component").map(String::as_str) != Some("ark") {
+            problems.push(format!(
+                "{at}: an alert for people without `component: ark`"
+            ));
         }
     }
     // `node` must survive every expression: each firing expectation of the unit tests has it.
     for (file, labels) in expected {
         for key in ["node", "condition", "severity"] {
-            if key == "condition" && PEOPLE_ALERTS.contains(&labels["alertname"].as_str()) {
+            let name = labels["alertname"].as_str();
+            if key == "condition" && PEOPLE_ALERTS.contains(&name)
+                || key == "node" && CLUSTER_WIDE_ALERTS.contains(&name)
+            {
                 continue;
             }
             if labels.get(key).is_none_or(|v| v.is_empty()) {
@@ -570,6 +600,56 @@ fn durations_are_recognised() {
     }
 }
 
+/// Every alert links its runbook (`docs/runbooks/<Alert>.md`, which must exist), and every
+/// runbook belongs to an alert.
+#[test]
+fn every_alert_has_a_runbook() -> Result<()> {
+    let rules = load_rules(&rule_files()?)?;
+    let mut problems = Vec::new();
+    for a in &rules.alerts {
+        let want = format!("docs/runbooks/{}.md", a.name);
+        match a.annotations.get("runbook_url") {
+            Some(u) if *u == want => {}
+            other => problems.push(format!(
+                "{} ({}): runbook_url {other:?}, expected {want:?}",
+                a.name, a.file
+            )),
+        }
+        let doc = root().join(&want);
+        match std::fs::read_to_string(&doc) {
+            Ok(text) => {
+                for section in [
+                    "## What it means",
+                    "## What Ark did",
+                    "## What a human does next",
+                ] {
+                    if !text.contains(section) {
+                        problems.push(format!("{want}: no {section:?} section"));
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("{want}: {e}")),
+        }
+    }
+    let names: BTreeSet<String> = rules
+        .alerts
+        .iter()
+        .map(|a| format!("{}.md", a.name))
+        .collect();
+    for f in std::fs::read_dir(root().join("docs/runbooks"))? {
+        let f = f?.file_name().to_string_lossy().into_owned();
+        if f.ends_with(".md") && f != "README.md" && !names.contains(&f) {
+            problems.push(format!("docs/runbooks/{f}: no alert of that name"));
+        }
+    }
+    ensure!(
+        problems.is_empty(),
+        "runbooks:\n  {}",
+        problems.join("\n  ")
+    );
+    Ok(())
+}
+
 #[test]
 fn contract_check_reports_an_alert_for_people_that_would_reach_the_healer() {
     let rule = AlertRule {
@@ -584,6 +664,7 @@ fn contract_check_reports_an_alert_for_people_that_would_reach_the_healer() {
                 "ArkNodeIdentityMismatch".to_string(),
             ),
             ("severity".to_string(), "critical".to_string()),
+            ("component".to_string(), "ark".to_string()),
         ]
         .into(),
         annotations: [
