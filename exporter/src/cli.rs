@@ -512,15 +512,24 @@ fn why_client(args: &WhyArgs) -> anyhow::Result<reqwest::blocking::Client> {
     b.build().context("building the HTTP client")
 }
 
-fn why(args: WhyArgs) -> anyhow::Result<()> {
-    let base = args.url.trim_end_matches('/');
-    if !(base.starts_with("http://") || base.starts_with("https://")) {
-        bail!(
-            "--url {:?}: want http://HOST:PORT or https://HOST:PORT",
-            args.url
-        );
+/// `--url` as a base URL: `http(s)://HOST:PORT`; a bare `HOST:PORT` (or `:PORT`, on
+/// 127.0.0.1) means plain http.
+pub fn base_url(url: &str) -> anyhow::Result<String> {
+    let url = url.trim_end_matches('/');
+    if url.starts_with("http://") || url.starts_with("https://") {
+        return Ok(url.to_owned());
     }
-    let url = format!("{base}/api/v1/why/{}", args.pid);
+    if url.contains("://") {
+        bail!("--url {url:?}: want http://HOST:PORT or https://HOST:PORT");
+    }
+    Ok(match url.strip_prefix(':') {
+        Some(port) => format!("http://127.0.0.1:{port}"),
+        None => format!("http://{url}"),
+    })
+}
+
+fn why(args: WhyArgs) -> anyhow::Result<()> {
+    let url = format!("{}/api/v1/why/{}", base_url(&args.url)?, args.pid);
     let mut req = why_client(&args)?
         .get(&url)
         .header(reqwest::header::ACCEPT, "application/json");
@@ -673,6 +682,14 @@ mod tests {
                 ..
             }))
         ));
+    }
+
+    #[test]
+    fn why_urls() {
+        assert_eq!(base_url("https://h:1/").unwrap(), "https://h:1");
+        assert_eq!(base_url("h:1").unwrap(), "http://h:1");
+        assert_eq!(base_url(":9487").unwrap(), "http://127.0.0.1:9487");
+        assert!(base_url("ftp://h:1").is_err());
     }
 
     #[test]
