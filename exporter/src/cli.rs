@@ -35,7 +35,7 @@ See docs/exporter.md for every key, the probe protocol and the metrics.";
 
 /// The `ark-exporter` command line.
 #[derive(Debug, Parser)]
-#[command(name = "ark-exporter", version, about = ABOUT, after_help = AFTER)]
+#[command(name = "ark-exporter", version = ark_web::VERSION, about = ABOUT, after_help = AFTER)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
@@ -48,7 +48,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the exporter (the default): collectors + probes → graph → rules → /metrics.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Feed a recorded JSON Lines file through the pipeline and report scenes and root causes.
     Replay(ReplayArgs),
     /// Ask a running exporter why a process is stuck (GET /api/v1/why/<pid>).
@@ -118,6 +118,9 @@ pub struct ServeArgs {
     /// Disable a collector (repeatable; also `--no-collector.NAME`).
     #[arg(long = "no-collector", value_name = "NAME")]
     pub disable: Vec<String>,
+    /// Server limits and --web.config.file (TLS, client certificates, basic auth).
+    #[command(flatten)]
+    pub web: ark_web::WebArgs,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -165,11 +168,24 @@ pub enum WhyFormat {
 pub struct WhyArgs {
     /// Process id to explain.
     pub pid: u32,
-    /// Base URL of the running exporter.
+    /// Base URL of the running exporter (`http://` or `https://`).
     #[arg(long = "url", default_value = "http://127.0.0.1:9487")]
     pub url: String,
     #[arg(long = "format", value_enum, default_value_t)]
     pub format: WhyFormat,
+    /// CA certificate (PEM) that signed the exporter's certificate (https; default: the system
+    /// roots).
+    #[arg(long = "tls.ca-file", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) when the exporter requires one; with --tls.key-file.
+    #[arg(long = "tls.cert-file", value_name = "FILE", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --tls.cert-file.
+    #[arg(long = "tls.key-file", value_name = "FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    /// Basic-auth user; the password is read from env ARK_WHY_PASSWORD.
+    #[arg(long = "user", value_name = "USER")]
+    pub user: Option<String>,
 }
 
 fn init_logging(log: &LogArgs) {
@@ -216,7 +232,7 @@ pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse_from(collector_flag_aliases(std::env::args_os()));
     match cli.command {
         None => serve(cli.serve),
-        Some(Command::Serve(a)) => serve(a),
+        Some(Command::Serve(a)) => serve(*a),
         Some(Command::Replay(a)) => replay(a),
         Some(Command::Why(a)) => why(a),
         Some(Command::Bench(b)) => crate::bench::run(b),
@@ -270,10 +286,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let kinds = collectors::enabled(&cfg, &args.enable, &args.disable)?;
     let addr = parse_listen(&args.listen)?;
+    let limits = args.web.limits()?;
+    let web = args.web.web_config()?;
     let node = node_name(args.node_name.as_deref());
     apply_host_flags(&mut cfg, &args, &node);
     let pods = crate::pods::PodResolver::new(&cfg.host.sysfs);
     let telemetry = Telemetry::new(&node)?;
+    ark_web::process_and_build_info(
+        &telemetry.registry,
+        "ark_build_info",
+        env!("CARGO_PKG_VERSION"),
+    )?;
     let rules = match &cfg.rules_dir {
         Some(d) => Some(load_rules(d, cfg.rules.strict)?),
         None => None,
@@ -308,14 +331,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             pipeline: Some(running.client.clone()),
             ready: ready.clone(),
         });
-        tracing::info!(%addr, node = %node, probes = cfg.probes.len(), "Listening");
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                ready.store(false, Ordering::Relaxed);
-            })
-            .await
-            .context("serving HTTP");
+        tracing::info!(%addr, node = %node, probes = cfg.probes.len(), tls = web.tls.is_some(), basic_auth = !web.users.is_empty(), "Listening");
+        let served = ark_web::serve(listener, app, limits, &web, &[], async move {
+            shutdown_signal().await;
+            ready.store(false, Ordering::Relaxed);
+        })
+        .await
+        .context("serving HTTP");
         let _ = stop_tx.send(true);
         served
     });
@@ -458,83 +480,83 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Minimal HTTP/1.1 GET over a plain TCP socket (the exporter's API is loopback/cluster-local).
-fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    use std::io::Read;
-    let hostport = base
-        .strip_prefix("http://")
-        .unwrap_or(base)
-        .trim_end_matches('/');
-    if base.starts_with("https://") {
-        bail!("https is not supported by `why`; use http://HOST:PORT");
+/// Env variable with the basic-auth password of `why --user`.
+pub const WHY_PASSWORD_ENV: &str = "ARK_WHY_PASSWORD";
+
+/// The `why` client: http or https (rustls), optional CA, client certificate and basic auth.
+fn why_client(args: &WhyArgs) -> anyhow::Result<reqwest::blocking::Client> {
+    let mut b = reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .use_rustls_tls();
+    if let Some(ca) = &args.ca_file {
+        let pem =
+            std::fs::read(ca).with_context(|| format!("reading --tls.ca-file {}", ca.display()))?;
+        for c in reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("--tls.ca-file {}: not PEM certificates", ca.display()))?
+        {
+            b = b.add_root_certificate(c);
+        }
     }
-    let addr = if hostport.starts_with(':') {
-        format!("127.0.0.1{hostport}")
-    } else {
-        hostport.to_owned()
-    };
-    let timeout = std::time::Duration::from_secs(10);
-    let sock = std::net::ToSocketAddrs::to_socket_addrs(&addr)
-        .with_context(|| format!("resolving {addr}"))?
-        .next()
-        .with_context(|| format!("no address for {addr}"))?;
-    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout)
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(timeout))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.take(16 * 1024 * 1024).read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("malformed HTTP status line")?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase().starts_with("transfer-encoding:")
-            && l.to_ascii_lowercase().contains("chunked")
-    });
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Ok((status, body))
+    if let (Some(cert), Some(key)) = (&args.cert_file, &args.key_file) {
+        let mut pem = std::fs::read(cert)
+            .with_context(|| format!("reading --tls.cert-file {}", cert.display()))?;
+        pem.extend(
+            std::fs::read(key)
+                .with_context(|| format!("reading --tls.key-file {}", key.display()))?,
+        );
+        b = b.identity(
+            reqwest::Identity::from_pem(&pem)
+                .context("--tls.cert-file/--tls.key-file: not a PEM certificate and key")?,
+        );
+    }
+    b.build().context("building the HTTP client")
 }
 
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
+/// `--url` as a base URL: `http(s)://HOST:PORT`; a bare `HOST:PORT` (or `:PORT`, on
+/// 127.0.0.1) means plain http.
+pub fn base_url(url: &str) -> anyhow::Result<String> {
+    let url = url.trim_end_matches('/');
+    if url.starts_with("http://") || url.starts_with("https://") {
+        return Ok(url.to_owned());
     }
-    out
+    if url.contains("://") {
+        bail!("--url {url:?}: want http://HOST:PORT or https://HOST:PORT");
+    }
+    Ok(match url.strip_prefix(':') {
+        Some(port) => format!("http://127.0.0.1:{port}"),
+        None => format!("http://{url}"),
+    })
 }
 
 fn why(args: WhyArgs) -> anyhow::Result<()> {
-    let (status, body) = http_get(&args.url, &format!("/api/v1/why/{}", args.pid))?;
+    let url = format!("{}/api/v1/why/{}", base_url(&args.url)?, args.pid);
+    let mut req = why_client(&args)?
+        .get(&url)
+        .header(reqwest::header::ACCEPT, "application/json");
+    if let Some(user) = &args.user {
+        req = req.basic_auth(user, std::env::var(WHY_PASSWORD_ENV).ok());
+    }
+    let res = req.send().with_context(|| format!("asking {url}"))?;
+    let status = res.status();
+    let body = res
+        .text()
+        .with_context(|| format!("reading the answer of {url}"))?;
     let mut out = std::io::stdout().lock();
-    if status == 404 {
+    if status == reqwest::StatusCode::NOT_FOUND {
         bail!(
             "pid {} is not in the causal graph of {}",
             args.pid,
             args.url
         );
     }
-    if status != 200 {
-        bail!("{} answered {status}: {}", args.url, body.trim());
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        bail!(
+            "{} answered 401: pass --user and set {WHY_PASSWORD_ENV}",
+            args.url
+        );
+    }
+    if !status.is_success() {
+        bail!("{} answered {}: {}", args.url, status.as_u16(), body.trim());
     }
     match args.format {
         WhyFormat::Json => writeln!(out, "{}", body.trim())?,
@@ -581,6 +603,9 @@ pub fn render_why(w: &WhyResponse) -> String {
             s.push_str(&format!(" --{}--> {}", h.edge.as_str(), h.to));
         }
         s.push('\n');
+    }
+    if w.truncated {
+        s.push_str("  (answer truncated to its bounds: more causes or hops exist)\n");
     }
     s
 }
@@ -660,6 +685,14 @@ mod tests {
     }
 
     #[test]
+    fn why_urls() {
+        assert_eq!(base_url("https://h:1/").unwrap(), "https://h:1");
+        assert_eq!(base_url("h:1").unwrap(), "http://h:1");
+        assert_eq!(base_url(":9487").unwrap(), "http://127.0.0.1:9487");
+        assert!(base_url("ftp://h:1").is_err());
+    }
+
+    #[test]
     fn listen_addresses() {
         assert_eq!(parse_listen(":9487").unwrap().to_string(), "0.0.0.0:9487");
         assert_eq!(
@@ -667,10 +700,5 @@ mod tests {
             "127.0.0.1:1"
         );
         assert!(parse_listen("nope").is_err());
-    }
-
-    #[test]
-    fn dechunks() {
-        assert_eq!(dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
     }
 }

@@ -103,12 +103,51 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
+/// Root causes in one `why` answer at most.
+pub const MAX_WHY_CAUSES: usize = 64;
+/// Hops of one chain at most (the first ones, from the process; the cause stays named).
+pub const MAX_WHY_DEPTH: usize = 32;
+/// Bytes of one `why` answer at most (JSON); causes past it are left out.
+pub const MAX_WHY_BYTES: usize = 256 * 1024;
+
 /// Body of `GET /api/v1/why/{pid}`.
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct WhyResponse {
     pub pid: u32,
     /// Empty when the process is known but nothing blocks it.
     pub root_causes: Vec<RootCause>,
+    /// Set when causes or hops were left out to keep the answer within its bounds
+    /// ([`MAX_WHY_CAUSES`], [`MAX_WHY_DEPTH`], [`MAX_WHY_BYTES`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+impl WhyResponse {
+    /// The answer for `pid`, cut to its bounds in causes, hops and bytes.
+    pub fn bounded(pid: u32, mut root_causes: Vec<RootCause>) -> Self {
+        let mut truncated = root_causes.len() > MAX_WHY_CAUSES;
+        root_causes.truncate(MAX_WHY_CAUSES);
+        let mut bytes = 64;
+        let mut keep = 0;
+        for rc in &mut root_causes {
+            if rc.chain.len() > MAX_WHY_DEPTH {
+                rc.chain.truncate(MAX_WHY_DEPTH);
+                truncated = true;
+            }
+            bytes += serde_json::to_vec(rc).map_or(usize::MAX, |v| v.len() + 1);
+            if bytes > MAX_WHY_BYTES {
+                truncated = true;
+                break;
+            }
+            keep += 1;
+        }
+        root_causes.truncate(keep);
+        WhyResponse {
+            pid,
+            root_causes,
+            truncated,
+        }
+    }
 }
 
 async fn why(
@@ -124,7 +163,7 @@ async fn why(
         .as_ref()
         .ok_or(AppError::Unavailable(QueryError::Stopped))?;
     match client.why(pid).await.map_err(AppError::Unavailable)? {
-        Some(root_causes) => Ok(Json(WhyResponse { pid, root_causes })),
+        Some(root_causes) => Ok(Json(WhyResponse::bounded(pid, root_causes))),
         None => Err(AppError::NotFound(format!(
             "pid {pid} is not in the causal graph"
         ))),
@@ -158,6 +197,37 @@ mod tests {
         let status = res.status();
         let body = res.into_body().collect().await.unwrap().to_bytes();
         (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[test]
+    fn why_answers_are_bounded() {
+        use crate::graph::{EdgeKind, Hop};
+        let hop = Hop {
+            from: "p".repeat(200),
+            edge: EdgeKind::WaitsOn,
+            to: "r".repeat(200),
+        };
+        let rc = RootCause {
+            pid: 1,
+            job: None,
+            pod: None,
+            namespace: None,
+            resource: "r".into(),
+            cause: "waits_on".into(),
+            detail: None,
+            chain: vec![hop; 1000],
+        };
+        let w = WhyResponse::bounded(1, vec![rc; 1000]);
+        assert!(w.truncated);
+        assert!(w.root_causes.len() <= MAX_WHY_CAUSES);
+        assert!(w.root_causes.iter().all(|r| r.chain.len() <= MAX_WHY_DEPTH));
+        assert!(serde_json::to_vec(&w).unwrap().len() <= MAX_WHY_BYTES);
+        let small = WhyResponse::bounded(1, Vec::new());
+        assert!(!small.truncated);
+        assert_eq!(
+            serde_json::to_string(&small).unwrap(),
+            r#"{"pid":1,"root_causes":[]}"#
+        );
     }
 
     #[tokio::test]

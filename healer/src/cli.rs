@@ -24,7 +24,7 @@ pub use crate::serve::TOKEN_ENV;
 #[derive(Debug, Parser)]
 #[command(
     name = "ark-healer",
-    version,
+    version = ark_web::VERSION,
     about = "Ark healer: alerts in, safe remediation out"
 )]
 pub struct Cli {
@@ -145,6 +145,10 @@ pub struct ServeArgs {
     /// Leader-election identity (default: $POD_NAME, else the hostname, plus the pid).
     #[arg(long)]
     pub identity: Option<String>,
+    /// Server limits and --web.config.file (TLS, client certificates, basic auth; the webhook
+    /// keeps its bearer token and is not behind basic auth).
+    #[command(flatten)]
+    pub web: ark_web::WebArgs,
 }
 
 pub fn init_tracing(format: LogFormat) {
@@ -169,6 +173,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 config: args.config,
                 kubeconfig: args.kubeconfig,
                 identity: args.identity,
+                limits: args.web.limits()?,
+                web: args.web.web_config()?,
             })
             .await
         }

@@ -46,6 +46,8 @@ pub struct ServeOptions {
     pub config: Option<PathBuf>,
     pub kubeconfig: Option<PathBuf>,
     pub identity: Option<String>,
+    pub limits: ark_web::Limits,
+    pub web: ark_web::WebConfig,
 }
 
 fn read_token(file: Option<&Path>) -> anyhow::Result<String> {
@@ -241,6 +243,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     };
     let registry = prometheus::Registry::new();
     let metrics = Metrics::register(&registry)?;
+    ark_web::process_and_build_info(
+        &registry,
+        "ark_healer_build_info",
+        env!("CARGO_PKG_VERSION"),
+    )?;
 
     let kube = reachable(opts.kubeconfig.as_deref(), &cfg, &metrics).await;
     if kube.is_none() {
@@ -386,11 +393,18 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", opts.listen))?;
     ready.store(true, Ordering::SeqCst);
-    tracing::info!(address = %opts.listen, dry_run, "Serving webhook and metrics");
-    let served = axum::serve(listener, webhook::router(state))
-        .with_graceful_shutdown(shutdown())
-        .await
-        .context("serving HTTP");
+    tracing::info!(address = %opts.listen, dry_run, tls = opts.web.tls.is_some(), basic_auth = !opts.web.users.is_empty(), "Serving webhook and metrics");
+    // The webhook authenticates with its bearer token (Alertmanager sends one credential).
+    let served = ark_web::serve(
+        listener,
+        webhook::router(state),
+        opts.limits.clone(),
+        &opts.web,
+        &["/api/v1/alerts"],
+        shutdown(),
+    )
+    .await
+    .context("serving HTTP");
 
     // Stop acting first, then hand the Lease over: the standby leads at its next look.
     fence.revoke();
