@@ -15,12 +15,16 @@
 //!    [`crate::collectors::pods`]). Without a cluster, attribution stops at the UID.
 //!
 //! ## cgroup id → pod (for the eBPF collector)
+//! This module is the one cgroup → pod authority: the eBPF collector asks it too.
 //! [`PodResolver::by_cgroup_id`] maps a cgroup v2 id — the inode number of the cgroup's
-//! directory under `<sysfs>/fs/cgroup`, which is what `bpf_get_current_cgroup_id()` returns —
-//! to the pod (and container) that owns it. Ids are learned by walking the `kubepods*` subtrees
-//! of the cgroup v2 mount (bounded; at most once per [`RESCAN_INTERVAL`] on a miss) and from the
-//! cgroups of processes the `process` collector looks at. Host processes (no pod) give `None`.
-//! It is cheap on a hit (one read lock, one hash look-up) and safe to call from any thread.
+//! directory in the cgroup v2 mount (`<sysfs>/fs/cgroup`, or `<sysfs>/fs/cgroup/unified` on a
+//! hybrid v1/v2 host), which is what `bpf_get_current_cgroup_id()` returns — to the pod (and
+//! container) that owns it; [`PodResolver::cgroup_path`] and [`PodResolver::cgroup_pids`] name
+//! any cgroup's path and processes. Ids are learned by walking the whole v2 tree (bounded by
+//! [`MAX_WALK_DIRS`]; at most once per [`RESCAN_INTERVAL`] on a miss) and from the cgroups of
+//! processes the `process` collector looks at. Host cgroups are indexed too (their pod is
+//! `None`), so a host cgroup costs no walk after the first. It is cheap on a hit (one read lock,
+//! one hash look-up) and safe to call from any thread.
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
@@ -246,10 +250,29 @@ pub enum ClusterState {
     Synced,
 }
 
+/// One indexed cgroup v2 directory.
+#[derive(Debug, Clone)]
+struct Cgroup {
+    /// Path relative to the mount, as `/proc/<pid>/cgroup` shows it (`/` for the root).
+    path: String,
+    /// (pod UID, container id) when the path is a pod's.
+    pod: Option<(String, Option<String>)>,
+}
+
+impl Cgroup {
+    fn of_path(path: String) -> Cgroup {
+        let (uid, container) = parse_cgroup_path(&path);
+        Cgroup {
+            path,
+            pod: uid.map(|u| (u, container.map(|c| c.0))),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     pods: HashMap<String, PodMeta>,
-    by_cgroup: HashMap<u64, (String, Option<String>)>,
+    by_cgroup: HashMap<u64, Cgroup>,
     last_walk: Option<Instant>,
     resync: Option<HashSet<String>>,
     state: ClusterState,
@@ -263,8 +286,15 @@ pub struct PodResolver {
 }
 
 impl PodResolver {
-    /// A resolver whose cgroup v2 tree is `<sysfs>/fs/cgroup`.
+    /// A resolver whose cgroup v2 tree is `<sysfs>/fs/cgroup` (`<sysfs>/fs/cgroup/unified` when
+    /// that is a cgroup v2 mount: the systemd hybrid layout).
     pub fn new(sysfs: &Path) -> Self {
+        let unified = sysfs.join("fs/cgroup/unified");
+        let root = if unified.join("cgroup.controllers").is_file() {
+            unified
+        } else {
+            sysfs.join("fs/cgroup")
+        };
         PodResolver {
             inner: Arc::new(RwLock::new(Inner {
                 pods: HashMap::new(),
@@ -273,7 +303,7 @@ impl PodResolver {
                 resync: None,
                 state: ClusterState::Unknown,
             })),
-            cgroup_root: Arc::new(sysfs.join("fs/cgroup")),
+            cgroup_root: Arc::new(root),
         }
     }
 
@@ -325,7 +355,8 @@ impl PodResolver {
             let uid = uid.to_ascii_lowercase();
             let mut w = self.write();
             w.pods.remove(&uid);
-            w.by_cgroup.retain(|_, (u, _)| *u != uid);
+            w.by_cgroup
+                .retain(|_, c| c.pod.as_ref().is_none_or(|(u, _)| *u != uid));
         }
     }
 
@@ -381,9 +412,13 @@ impl PodResolver {
         let Some(uid) = info.pod_uid.clone() else {
             return;
         };
+        let entry = Cgroup {
+            path: info.path.clone(),
+            pod: Some((uid, info.container_id.clone())),
+        };
         let mut w = self.write();
         if w.by_cgroup.len() < MAX_CGROUP_IDS || w.by_cgroup.contains_key(&id) {
-            w.by_cgroup.insert(id, (uid, info.container_id.clone()));
+            w.by_cgroup.insert(id, entry);
         }
     }
 
@@ -402,8 +437,42 @@ impl PodResolver {
     /// A miss walks the `kubepods*` subtrees again, at most once per [`RESCAN_INTERVAL`]
     /// (bounded by [`MAX_WALK_DIRS`]); hits cost one read lock and one hash look-up.
     pub fn by_cgroup_id(&self, id: u64) -> Option<PodRef> {
-        if let Some(r) = self.cached(id) {
-            return Some(r);
+        let (uid, cid) = self.cgroup(id)?.pod?;
+        Some(self.lookup(&uid, cid.as_deref()))
+    }
+
+    /// The path of any cgroup v2 id relative to the mount (`/system.slice/sshd.service`, `/`
+    /// for the root); `None` for unknown ids. Walks on a miss like [`Self::by_cgroup_id`].
+    pub fn cgroup_path(&self, id: u64) -> Option<String> {
+        self.cgroup(id).map(|c| c.path)
+    }
+
+    /// Up to `max` pids of the cgroup with this id, from its `cgroup.procs` (empty when unknown
+    /// or gone). Reads at most `max` lines.
+    pub fn cgroup_pids(&self, id: u64, max: usize) -> Vec<u32> {
+        use std::io::BufRead;
+        let Some(path) = self.cgroup_path(id) else {
+            return Vec::new();
+        };
+        let file = self
+            .cgroup_root
+            .join(path.trim_start_matches('/'))
+            .join("cgroup.procs");
+        let Ok(f) = std::fs::File::open(file) else {
+            return Vec::new();
+        };
+        std::io::BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .take(max)
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// The indexed cgroup, walking the tree on a miss (rate-limited).
+    fn cgroup(&self, id: u64) -> Option<Cgroup> {
+        if let Some(c) = self.read().by_cgroup.get(&id) {
+            return Some(c.clone());
         }
         let due = self
             .read()
@@ -411,36 +480,20 @@ impl PodResolver {
             .is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL);
         if due {
             self.walk_cgroups();
-            return self.cached(id);
+            return self.read().by_cgroup.get(&id).cloned();
         }
         None
     }
 
-    fn cached(&self, id: u64) -> Option<PodRef> {
-        let (uid, cid) = self.read().by_cgroup.get(&id).cloned()?;
-        Some(self.lookup(&uid, cid.as_deref()))
-    }
-
-    /// Walks `<cgroup root>/kubepods*` and records every pod and container cgroup's id.
-    /// Returns the number of ids recorded.
+    /// Walks the cgroup v2 tree (at most [`MAX_WALK_DIRS`] directories, 16 levels) and indexes
+    /// every cgroup's id. Returns the number of pod and container cgroups found.
     pub fn walk_cgroups(&self) -> usize {
         self.write().last_walk = Some(Instant::now());
         let mut found = Vec::new();
-        let mut visited = 0usize;
-        let Ok(rd) = std::fs::read_dir(&*self.cgroup_root) else {
-            return 0;
-        };
-        let mut stack: Vec<(PathBuf, String, usize)> = rd
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with("kubepods"))
-            .map(|e| {
-                let name = format!("/{}", e.file_name().to_string_lossy());
-                (e.path(), name, 1)
-            })
-            .collect();
+        let mut stack: Vec<(PathBuf, String, usize)> =
+            vec![((*self.cgroup_root).clone(), "/".to_owned(), 0)];
         while let Some((dir, rel, depth)) = stack.pop() {
-            visited += 1;
-            if visited > MAX_WALK_DIRS {
+            if found.len() >= MAX_WALK_DIRS {
                 break;
             }
             let Ok(meta) = std::fs::metadata(&dir) else {
@@ -449,30 +502,28 @@ impl PodResolver {
             if !meta.is_dir() {
                 continue;
             }
-            let (uid, container) = parse_cgroup_path(&rel);
-            if let Some(uid) = uid {
-                found.push((meta.ino(), uid, container.map(|c| c.0)));
-            }
-            if depth >= 8 {
-                continue;
-            }
-            if let Ok(rd) = std::fs::read_dir(&dir) {
+            if depth < 16
+                && let Ok(rd) = std::fs::read_dir(&dir)
+            {
                 for e in rd.filter_map(|e| e.ok()) {
+                    if stack.len() + found.len() >= MAX_WALK_DIRS {
+                        break;
+                    }
                     if e.file_type().is_ok_and(|t| t.is_dir()) {
                         let name = e.file_name().to_string_lossy().into_owned();
-                        stack.push((e.path(), format!("{rel}/{name}"), depth + 1));
+                        let child = format!("{}/{name}", rel.trim_end_matches('/'));
+                        stack.push((e.path(), child, depth + 1));
                     }
                 }
             }
+            found.push((meta.ino(), Cgroup::of_path(rel)));
         }
-        let n = found.len();
+        let pods = found.iter().filter(|(_, c)| c.pod.is_some()).count();
         let mut w = self.write();
         // Ids of cgroups that no longer exist go; what the walk found replaces them.
         w.by_cgroup.clear();
-        for (ino, uid, cid) in found.into_iter().take(MAX_CGROUP_IDS) {
-            w.by_cgroup.insert(ino, (uid, cid));
-        }
-        n
+        w.by_cgroup.extend(found.into_iter().take(MAX_CGROUP_IDS));
+        pods
     }
 }
 
@@ -591,5 +642,43 @@ mod tests {
         assert_eq!(r.pod_count(), 0);
         assert_eq!(r.lookup(UID, None).name, None);
         assert_eq!(r.by_cgroup_id(12345), None);
+    }
+
+    #[test]
+    fn cgroup_index_names_host_and_pod_cgroups_and_their_pids() {
+        let d = tempfile::tempdir().unwrap();
+        // A hybrid host: v1 controllers in fs/cgroup, the v2 tree in fs/cgroup/unified.
+        let root = d.path().join("fs/cgroup/unified");
+        let pod = root.join(format!("nested/kubepods/besteffort/pod{UID}/{CID}"));
+        let host = root.join("system.slice/sshd.service");
+        for dir in [&pod, &host] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::fs::write(root.join("cgroup.controllers"), "").unwrap();
+        std::fs::write(host.join("cgroup.procs"), "7\n8\nnot-a-pid\n9\n").unwrap();
+        let r = PodResolver::new(d.path());
+        assert_eq!(r.cgroup_root(), root);
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        // Pod cgroups below any depth are found; the pod is named by its UID.
+        let p = r.by_cgroup_id(ino(&pod)).expect("nested pod cgroup");
+        assert_eq!(
+            (p.uid.as_str(), p.container_id.as_deref()),
+            (UID, Some(CID))
+        );
+        // Host cgroups are indexed (a path, pids) but are nobody's pod.
+        assert_eq!(r.by_cgroup_id(ino(&host)), None);
+        assert_eq!(
+            r.cgroup_path(ino(&host)).as_deref(),
+            Some("/system.slice/sshd.service")
+        );
+        assert_eq!(r.cgroup_path(ino(&root)).as_deref(), Some("/"));
+        // At most `max` lines are read; garbage lines are skipped.
+        assert_eq!(r.cgroup_pids(ino(&host), 2), [7, 8]);
+        assert_eq!(r.cgroup_pids(ino(&host), 16), [7, 8, 9]);
+        assert!(r.cgroup_pids(u64::MAX, 16).is_empty());
+        // Without a unified mount the tree is fs/cgroup itself.
+        let plain = tempfile::tempdir().unwrap();
+        let r = PodResolver::new(plain.path());
+        assert_eq!(r.cgroup_root(), plain.path().join("fs/cgroup"));
     }
 }

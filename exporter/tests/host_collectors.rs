@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use ark_exporter::collectors::CollectorKind;
+use ark_exporter::collectors::host::infiniband::InfinibandCollector;
+use ark_exporter::collectors::host::netdev::NetdevCollector;
+use ark_exporter::collectors::host::process::ProcessCollector;
 use ark_exporter::collectors::host::{HostConfig, HostSet, HostSource, PollError};
-use ark_exporter::collectors::infiniband::InfinibandCollector;
-use ark_exporter::collectors::netdev::NetdevCollector;
-use ark_exporter::collectors::process::ProcessCollector;
 use ark_exporter::event::{Event, EventType};
 use ark_exporter::metrics::Telemetry;
 use ark_exporter::pods::PodResolver;
