@@ -26,6 +26,11 @@ impl HostSet {
         }
     }
 
+    /// The collectors in the set, in order.
+    pub fn kinds(&self) -> Vec<CollectorKind> {
+        self.sources.iter().map(|(k, _)| *k).collect()
+    }
+
     /// Polls every source once.
     pub fn poll(&mut self, now_ms: i64) -> Vec<(CollectorKind, Result<PollOutput, PollError>)> {
         self.sources

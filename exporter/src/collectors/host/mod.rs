@@ -537,6 +537,29 @@ mod tests {
     }
 
     #[test]
+    fn one_list_of_host_collectors() {
+        let cfg = HostConfig::default();
+        let pods = PodResolver::new(Path::new("/nonexistent"));
+        let host: Vec<_> = CollectorKind::ALL
+            .iter()
+            .copied()
+            .filter(|&k| source(k, &cfg, &pods).is_some())
+            .collect();
+        assert_eq!(
+            host,
+            [
+                CollectorKind::Netdev,
+                CollectorKind::Infiniband,
+                CollectorKind::Block,
+                CollectorKind::Pressure,
+                CollectorKind::Process,
+            ]
+        );
+        // The test/bench set is exactly that list, in that order.
+        assert_eq!(HostSet::new(&cfg, &pods).kinds(), host);
+    }
+
+    #[test]
     fn interval_backs_off_while_quiet_and_snaps_back() {
         let s = Duration::from_secs;
         let (base, idle) = (s(2), s(8));
