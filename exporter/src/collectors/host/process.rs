@@ -40,7 +40,9 @@ use crate::pods::{CgroupInfo, PodRef, PodResolver, parse_cgroup};
 mod parse;
 
 use self::parse::MAX_STAT_FDS;
-pub use self::parse::{Holds, ProcStat, WaitClass, classify_wchan, disk_of, parse_io, parse_stat};
+pub use self::parse::{
+    Holds, ProcStat, WaitClass, classify_wchan, disk_of, parse_io, parse_last_pid, parse_stat,
+};
 
 const PF_KTHREAD: u64 = 0x0020_0000;
 
@@ -76,6 +78,16 @@ pub struct ProcessCollector {
     refresh: Refresh<(u32, String)>,
     cursor: usize,
     exits_total: u64,
+    listing: Listing,
+}
+
+/// The last listing of `<procfs>`.
+#[derive(Debug, Default)]
+struct Listing {
+    pids: Vec<u32>,
+    /// `/proc/loadavg`'s last pid when it was taken.
+    last_pid: Option<u64>,
+    at: i64,
 }
 
 impl ProcessCollector {
@@ -89,7 +101,19 @@ impl ProcessCollector {
             refresh: Refresh::new(cfg.refresh_ms(), cfg.max_processes_tracked * 8),
             cursor: 0,
             exits_total: 0,
+            listing: Listing::default(),
         }
+    }
+
+    /// The most recently allocated pid, when `procfs` is this process's pid namespace (else
+    /// `None`: a foreign namespace's forks would not show).
+    fn last_pid(&mut self) -> Option<u64> {
+        let me = std::fs::read_link(self.cfg.proc("self")).ok()?;
+        if me.to_str()?.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+        read_into(&self.cfg.proc("loadavg"), &mut self.buf).ok()?;
+        parse_last_pid(&self.buf)
     }
 
     fn read_stat(&mut self, pid: u32) -> Option<ProcStat> {
@@ -243,21 +267,38 @@ impl HostSource for ProcessCollector {
     fn poll(&mut self, now: i64) -> Result<PollOutput, PollError> {
         let mut out = PollOutput::default();
         let procfs = self.cfg.procfs.clone();
-        let rd = std::fs::read_dir(&procfs).map_err(|source| crate::Error::Io {
-            path: procfs.clone(),
-            source,
-        })?;
-        let mut pids: Vec<u32> = rd
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str()?.parse().ok())
-            .collect();
+        // Listing /proc is most of this collector's cost on a busy host. No pid allocated since
+        // the last listing (`/proc/loadavg`'s last field, trusted only when `procfs` is our own
+        // pid namespace) means no new process: the cached list serves, gone pids just fail
+        // their `stat`. It is listed again at least every `reclassify_after`.
+        let last_pid = self.last_pid();
+        let fresh = last_pid.is_some()
+            && last_pid == self.listing.last_pid
+            && now - self.listing.at < self.cfg.reclassify_after.0.max(1)
+            && !self.listing.pids.is_empty();
+        if !fresh {
+            let rd = std::fs::read_dir(&procfs).map_err(|source| crate::Error::Io {
+                path: procfs.clone(),
+                source,
+            })?;
+            let mut listed: Vec<u32> = rd
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect();
+            listed.sort_unstable();
+            self.listing = Listing {
+                pids: listed,
+                last_pid,
+                at: now,
+            };
+        }
+        let mut pids = self.listing.pids.clone();
         if pids.is_empty() {
             return Err(PollError::Absent {
                 path: procfs,
                 what: "procfs without processes",
             });
         }
-        pids.sort_unstable();
         let complete = pids.len() <= self.cfg.max_processes_scanned;
         if !complete {
             // A rotating window, so every pid is reached over successive polls.

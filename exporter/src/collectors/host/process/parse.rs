@@ -35,6 +35,16 @@ pub fn parse_stat(text: &str) -> Option<ProcStat> {
     })
 }
 
+/// Pure: the last field of `/proc/loadavg` (`0.00 0.01 0.05 1/123 4567`): the most recently
+/// allocated pid.
+pub fn parse_last_pid(text: &str) -> Option<u64> {
+    let f: Vec<&str> = text.split_ascii_whitespace().collect();
+    if f.len() != 5 || !f[3].contains('/') {
+        return None;
+    }
+    f[4].parse().ok()
+}
+
 /// Pure: `read_bytes` + `write_bytes` of `/proc/<pid>/io`.
 pub fn parse_io(text: &str) -> Option<u64> {
     let mut total = None;
@@ -201,6 +211,14 @@ mod tests {
         assert!(parse_stat("garbage").is_none());
         assert!(parse_stat("1 (x) R 1 2").is_none());
         assert!(parse_stat(")( R").is_none());
+    }
+
+    #[test]
+    fn last_pid_of_loadavg() {
+        assert_eq!(parse_last_pid("0.05 0.10 0.20 2/311 48211\n"), Some(48_211));
+        assert_eq!(parse_last_pid("0.05 0.10 0.20 2/311\n"), None);
+        assert_eq!(parse_last_pid("a b c d e"), None);
+        assert_eq!(parse_last_pid(""), None);
     }
 
     #[test]
