@@ -254,6 +254,11 @@ impl Config {
         })
     }
 
+    /// How often a repeating warning is logged at most (`[pipeline] log_interval`).
+    pub fn log_interval(&self) -> Duration {
+        ms(self.pipeline.log_interval)
+    }
+
     /// The pipeline's view of this config.
     pub fn pipeline(&self) -> PipelineConfig {
         let p = &self.pipeline;

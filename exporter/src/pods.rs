@@ -15,12 +15,16 @@
 //!    [`crate::collectors::pods`]). Without a cluster, attribution stops at the UID.
 //!
 //! ## cgroup id → pod (for the eBPF collector)
+//! This module is the one cgroup → pod authority: the eBPF collector asks it too.
 //! [`PodResolver::by_cgroup_id`] maps a cgroup v2 id — the inode number of the cgroup's
-//! directory under `<sysfs>/fs/cgroup`, which is what `bpf_get_current_cgroup_id()` returns —
-//! to the pod (and container) that owns it. Ids are learned by walking the `kubepods*` subtrees
-//! of the cgroup v2 mount (bounded; at most once per [`RESCAN_INTERVAL`] on a miss) and from the
-//! cgroups of processes the `process` collector looks at. Host processes (no pod) give `None`.
-//! It is cheap on a hit (one read lock, one hash look-up) and safe to call from any thread.
+//! directory in the cgroup v2 mount (`<sysfs>/fs/cgroup`, or `<sysfs>/fs/cgroup/unified` on a
+//! hybrid v1/v2 host), which is what `bpf_get_current_cgroup_id()` returns — to the pod (and
+//! container) that owns it; [`PodResolver::cgroup_path`] and [`PodResolver::cgroup_pids`] name
+//! any cgroup's path and processes. Ids are learned by walking the whole v2 tree (bounded by
+//! [`MAX_WALK_DIRS`]; at most once per [`RESCAN_INTERVAL`] on a miss) and from the cgroups of
+//! processes the `process` collector looks at. Host cgroups are indexed too (their pod is
+//! `None`), so a host cgroup costs no walk after the first. It is cheap on a hit (one read lock,
+//! one hash look-up) and safe to call from any thread.
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
@@ -30,6 +34,10 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 
+mod cgroup;
+
+pub use self::cgroup::{CgroupInfo, Runtime, parse_cgroup, parse_cgroup_path};
+
 /// Most pods remembered (a kubelet runs at most a few hundred).
 pub const MAX_PODS: usize = 4_096;
 /// Most cgroup ids remembered.
@@ -38,28 +46,6 @@ pub const MAX_CGROUP_IDS: usize = 65_536;
 pub const MAX_WALK_DIRS: usize = 20_000;
 /// A miss in [`PodResolver::by_cgroup_id`] walks the cgroup tree at most this often.
 pub const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Container runtime named by a cgroup path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Runtime {
-    Containerd,
-    Crio,
-    Docker,
-    /// A bare 64-hex id (cgroupfs driver): the runtime is not in the path.
-    Unknown,
-}
-
-/// What a cgroup path says about its owner.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct CgroupInfo {
-    /// The path the information came from (the v2 path when there is one).
-    pub path: String,
-    /// True when `path` is from the unified (v2) hierarchy (`0::/...`).
-    pub v2: bool,
-    pub pod_uid: Option<String>,
-    pub container_id: Option<String>,
-    pub runtime: Option<Runtime>,
-}
 
 /// A pod (and container) a process or cgroup belongs to. Fields other than `uid` are `None`
 /// until the pod watch has seen the pod (or when there is no cluster).
@@ -75,111 +61,6 @@ pub struct PodRef {
     /// Job the pod belongs to (labels `job-name`, `batch.kubernetes.io/job-name`,
     /// `training.kubeflow.org/job-name`), if any.
     pub job: Option<String>,
-}
-
-fn is_hex64(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// A pod UID as found after `pod` in a path element: 36 chars of hex and `-` or `_`.
-fn uid_after_pod(seg: &str) -> Option<String> {
-    let mut from = 0;
-    while let Some(i) = seg[from..].find("pod") {
-        let start = from + i + 3;
-        if let Some(cand) = seg.get(start..start + 36) {
-            let ok = cand.bytes().enumerate().all(|(j, b)| match j {
-                8 | 13 | 18 | 23 => b == b'-' || b == b'_',
-                _ => b.is_ascii_hexdigit(),
-            });
-            let end_ok = seg[start + 36..].is_empty() || seg[start + 36..].starts_with(".slice");
-            if ok && end_ok {
-                return Some(cand.replace('_', "-").to_ascii_lowercase());
-            }
-        }
-        from = start;
-    }
-    None
-}
-
-/// Container id of one path element, with its runtime.
-fn container_in(seg: &str) -> Option<(String, Runtime)> {
-    if is_hex64(seg) {
-        return Some((seg.to_owned(), Runtime::Unknown));
-    }
-    // `<pod slice>:cri-containerd:<id>` (v1, containerd with systemd_cgroup).
-    if let Some((_, rest)) = seg.split_once(':') {
-        let (rt, id) = rest.split_once(':')?;
-        let runtime = match rt {
-            "cri-containerd" => Runtime::Containerd,
-            "crio" => Runtime::Crio,
-            "docker" => Runtime::Docker,
-            _ => return None,
-        };
-        return is_hex64(id).then(|| (id.to_owned(), runtime));
-    }
-    let scope = seg.strip_suffix(".scope")?;
-    for (prefix, runtime) in [
-        ("cri-containerd-", Runtime::Containerd),
-        ("crio-", Runtime::Crio),
-        ("docker-", Runtime::Docker),
-    ] {
-        if let Some(id) = scope.strip_prefix(prefix)
-            && is_hex64(id)
-        {
-            return Some((id.to_owned(), runtime));
-        }
-    }
-    None
-}
-
-/// Pure: pod UID and container id named by one cgroup path.
-pub fn parse_cgroup_path(path: &str) -> (Option<String>, Option<(String, Runtime)>) {
-    let mut uid = None;
-    let mut container = None;
-    for seg in path.split('/').filter(|s| !s.is_empty()) {
-        if uid.is_none()
-            && (seg.starts_with("pod") || seg.contains("-pod"))
-            && let Some(u) = uid_after_pod(seg.split(':').next().unwrap_or(seg))
-        {
-            uid = Some(u);
-        }
-        // `crio-conmon-<id>.scope` is the runtime monitor, not the container: no id.
-        if container.is_none()
-            && let Some(c) = container_in(seg)
-        {
-            container = Some(c);
-        }
-    }
-    (uid, container)
-}
-
-/// Pure: parses `/proc/<pid>/cgroup`. Prefers the v2 line (`0::/path`); on a v1-only host takes
-/// the first controller line that names a pod (else one that names a container).
-pub fn parse_cgroup(text: &str) -> Option<CgroupInfo> {
-    let mut best: Option<(u8, CgroupInfo)> = None;
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (Some(id), Some(ctrl), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        if id.parse::<u32>().is_err() || !path.starts_with('/') {
-            continue;
-        }
-        let v2 = id == "0" && ctrl.is_empty();
-        let (uid, container) = parse_cgroup_path(path);
-        let score = u8::from(uid.is_some()) * 4 + u8::from(container.is_some()) * 2 + u8::from(v2);
-        let info = CgroupInfo {
-            path: path.to_owned(),
-            v2,
-            pod_uid: uid,
-            container_id: container.as_ref().map(|c| c.0.clone()),
-            runtime: container.map(|c| c.1),
-        };
-        if best.as_ref().is_none_or(|(s, _)| score > *s) {
-            best = Some((score, info));
-        }
-    }
-    best.map(|(_, i)| i)
 }
 
 /// What the watch knows about a pod.
@@ -246,10 +127,29 @@ pub enum ClusterState {
     Synced,
 }
 
+/// One indexed cgroup v2 directory.
+#[derive(Debug, Clone)]
+struct Cgroup {
+    /// Path relative to the mount, as `/proc/<pid>/cgroup` shows it (`/` for the root).
+    path: String,
+    /// (pod UID, container id) when the path is a pod's.
+    pod: Option<(String, Option<String>)>,
+}
+
+impl Cgroup {
+    fn of_path(path: String) -> Cgroup {
+        let (uid, container) = parse_cgroup_path(&path);
+        Cgroup {
+            path,
+            pod: uid.map(|u| (u, container.map(|c| c.0))),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     pods: HashMap<String, PodMeta>,
-    by_cgroup: HashMap<u64, (String, Option<String>)>,
+    by_cgroup: HashMap<u64, Cgroup>,
     last_walk: Option<Instant>,
     resync: Option<HashSet<String>>,
     state: ClusterState,
@@ -263,8 +163,15 @@ pub struct PodResolver {
 }
 
 impl PodResolver {
-    /// A resolver whose cgroup v2 tree is `<sysfs>/fs/cgroup`.
+    /// A resolver whose cgroup v2 tree is `<sysfs>/fs/cgroup` (`<sysfs>/fs/cgroup/unified` when
+    /// that is a cgroup v2 mount: the systemd hybrid layout).
     pub fn new(sysfs: &Path) -> Self {
+        let unified = sysfs.join("fs/cgroup/unified");
+        let root = if unified.join("cgroup.controllers").is_file() {
+            unified
+        } else {
+            sysfs.join("fs/cgroup")
+        };
         PodResolver {
             inner: Arc::new(RwLock::new(Inner {
                 pods: HashMap::new(),
@@ -273,7 +180,7 @@ impl PodResolver {
                 resync: None,
                 state: ClusterState::Unknown,
             })),
-            cgroup_root: Arc::new(sysfs.join("fs/cgroup")),
+            cgroup_root: Arc::new(root),
         }
     }
 
@@ -325,7 +232,8 @@ impl PodResolver {
             let uid = uid.to_ascii_lowercase();
             let mut w = self.write();
             w.pods.remove(&uid);
-            w.by_cgroup.retain(|_, (u, _)| *u != uid);
+            w.by_cgroup
+                .retain(|_, c| c.pod.as_ref().is_none_or(|(u, _)| *u != uid));
         }
     }
 
@@ -381,9 +289,13 @@ impl PodResolver {
         let Some(uid) = info.pod_uid.clone() else {
             return;
         };
+        let entry = Cgroup {
+            path: info.path.clone(),
+            pod: Some((uid, info.container_id.clone())),
+        };
         let mut w = self.write();
         if w.by_cgroup.len() < MAX_CGROUP_IDS || w.by_cgroup.contains_key(&id) {
-            w.by_cgroup.insert(id, (uid, info.container_id.clone()));
+            w.by_cgroup.insert(id, entry);
         }
     }
 
@@ -402,8 +314,42 @@ impl PodResolver {
     /// A miss walks the `kubepods*` subtrees again, at most once per [`RESCAN_INTERVAL`]
     /// (bounded by [`MAX_WALK_DIRS`]); hits cost one read lock and one hash look-up.
     pub fn by_cgroup_id(&self, id: u64) -> Option<PodRef> {
-        if let Some(r) = self.cached(id) {
-            return Some(r);
+        let (uid, cid) = self.cgroup(id)?.pod?;
+        Some(self.lookup(&uid, cid.as_deref()))
+    }
+
+    /// The path of any cgroup v2 id relative to the mount (`/system.slice/sshd.service`, `/`
+    /// for the root); `None` for unknown ids. Walks on a miss like [`Self::by_cgroup_id`].
+    pub fn cgroup_path(&self, id: u64) -> Option<String> {
+        self.cgroup(id).map(|c| c.path)
+    }
+
+    /// Up to `max` pids of the cgroup with this id, from its `cgroup.procs` (empty when unknown
+    /// or gone). Reads at most `max` lines.
+    pub fn cgroup_pids(&self, id: u64, max: usize) -> Vec<u32> {
+        use std::io::BufRead;
+        let Some(path) = self.cgroup_path(id) else {
+            return Vec::new();
+        };
+        let file = self
+            .cgroup_root
+            .join(path.trim_start_matches('/'))
+            .join("cgroup.procs");
+        let Ok(f) = std::fs::File::open(file) else {
+            return Vec::new();
+        };
+        std::io::BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .take(max)
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// The indexed cgroup, walking the tree on a miss (rate-limited).
+    fn cgroup(&self, id: u64) -> Option<Cgroup> {
+        if let Some(c) = self.read().by_cgroup.get(&id) {
+            return Some(c.clone());
         }
         let due = self
             .read()
@@ -411,36 +357,20 @@ impl PodResolver {
             .is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL);
         if due {
             self.walk_cgroups();
-            return self.cached(id);
+            return self.read().by_cgroup.get(&id).cloned();
         }
         None
     }
 
-    fn cached(&self, id: u64) -> Option<PodRef> {
-        let (uid, cid) = self.read().by_cgroup.get(&id).cloned()?;
-        Some(self.lookup(&uid, cid.as_deref()))
-    }
-
-    /// Walks `<cgroup root>/kubepods*` and records every pod and container cgroup's id.
-    /// Returns the number of ids recorded.
+    /// Walks the cgroup v2 tree (at most [`MAX_WALK_DIRS`] directories, 16 levels) and indexes
+    /// every cgroup's id. Returns the number of pod and container cgroups found.
     pub fn walk_cgroups(&self) -> usize {
         self.write().last_walk = Some(Instant::now());
         let mut found = Vec::new();
-        let mut visited = 0usize;
-        let Ok(rd) = std::fs::read_dir(&*self.cgroup_root) else {
-            return 0;
-        };
-        let mut stack: Vec<(PathBuf, String, usize)> = rd
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with("kubepods"))
-            .map(|e| {
-                let name = format!("/{}", e.file_name().to_string_lossy());
-                (e.path(), name, 1)
-            })
-            .collect();
+        let mut stack: Vec<(PathBuf, String, usize)> =
+            vec![((*self.cgroup_root).clone(), "/".to_owned(), 0)];
         while let Some((dir, rel, depth)) = stack.pop() {
-            visited += 1;
-            if visited > MAX_WALK_DIRS {
+            if found.len() >= MAX_WALK_DIRS {
                 break;
             }
             let Ok(meta) = std::fs::metadata(&dir) else {
@@ -449,30 +379,28 @@ impl PodResolver {
             if !meta.is_dir() {
                 continue;
             }
-            let (uid, container) = parse_cgroup_path(&rel);
-            if let Some(uid) = uid {
-                found.push((meta.ino(), uid, container.map(|c| c.0)));
-            }
-            if depth >= 8 {
-                continue;
-            }
-            if let Ok(rd) = std::fs::read_dir(&dir) {
+            if depth < 16
+                && let Ok(rd) = std::fs::read_dir(&dir)
+            {
                 for e in rd.filter_map(|e| e.ok()) {
+                    if stack.len() + found.len() >= MAX_WALK_DIRS {
+                        break;
+                    }
                     if e.file_type().is_ok_and(|t| t.is_dir()) {
                         let name = e.file_name().to_string_lossy().into_owned();
-                        stack.push((e.path(), format!("{rel}/{name}"), depth + 1));
+                        let child = format!("{}/{name}", rel.trim_end_matches('/'));
+                        stack.push((e.path(), child, depth + 1));
                     }
                 }
             }
+            found.push((meta.ino(), Cgroup::of_path(rel)));
         }
-        let n = found.len();
+        let pods = found.iter().filter(|(_, c)| c.pod.is_some()).count();
         let mut w = self.write();
         // Ids of cgroups that no longer exist go; what the walk found replaces them.
         w.by_cgroup.clear();
-        for (ino, uid, cid) in found.into_iter().take(MAX_CGROUP_IDS) {
-            w.by_cgroup.insert(ino, (uid, cid));
-        }
-        n
+        w.by_cgroup.extend(found.into_iter().take(MAX_CGROUP_IDS));
+        pods
     }
 }
 
@@ -482,93 +410,6 @@ mod tests {
 
     const CID: &str = "0f4fe1c3b6c9c5a1b0bd3e4e7d0b4c9a4c6f1a2b3c4d5e6f708192a3b4c5d6e7";
     const UID: &str = "3b2a6f1e-7c4d-4e5f-8a9b-0c1d2e3f4a5b";
-
-    #[test]
-    fn cgroup_path_shapes() {
-        let us = UID.replace('-', "_");
-        let cases = [
-            (
-                format!(
-                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{us}.slice/cri-containerd-{CID}.scope"
-                ),
-                Runtime::Containerd,
-            ),
-            (
-                format!("/kubepods.slice/kubepods-pod{us}.slice/crio-{CID}.scope"),
-                Runtime::Crio,
-            ),
-            (
-                format!(
-                    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{us}.slice/docker-{CID}.scope"
-                ),
-                Runtime::Docker,
-            ),
-            (
-                format!("/kubepods/burstable/pod{UID}/{CID}"),
-                Runtime::Unknown,
-            ),
-            (format!("/kubepods/pod{UID}/{CID}"), Runtime::Unknown),
-            (
-                format!(
-                    "/system.slice/containerd.service/kubepods-burstable-pod{us}.slice:cri-containerd:{CID}"
-                ),
-                Runtime::Containerd,
-            ),
-        ];
-        for (path, rt) in cases {
-            let (uid, c) = parse_cgroup_path(&path);
-            assert_eq!(uid.as_deref(), Some(UID), "{path}");
-            assert_eq!(c, Some((CID.to_owned(), rt)), "{path}");
-        }
-        // Pod-level cgroup: UID, no container.
-        let (uid, c) = parse_cgroup_path(&format!("/kubepods/besteffort/pod{UID}"));
-        assert_eq!((uid.as_deref(), c), (Some(UID), None));
-        // Plain docker: container, no pod.
-        let (uid, c) = parse_cgroup_path(&format!("/docker/{CID}"));
-        assert_eq!(uid, None);
-        assert_eq!(c.map(|c| c.0).as_deref(), Some(CID));
-        let (uid, c) = parse_cgroup_path(&format!("/system.slice/docker-{CID}.scope"));
-        assert_eq!((uid, c.map(|c| c.1)), (None, Some(Runtime::Docker)));
-        // conmon of CRI-O is in the pod but is no container.
-        let (uid, c) = parse_cgroup_path(&format!(
-            "/kubepods.slice/kubepods-pod{us}.slice/crio-conmon-{CID}.scope",
-            us = UID.replace('-', "_")
-        ));
-        assert_eq!((uid.as_deref(), c), (Some(UID), None));
-        // Host and garbage.
-        for p in [
-            "/user.slice/user-0.slice/session-1.scope",
-            "/",
-            "/podcast/pod",
-            "/kubepods/podnot-a-uid",
-            "/kubepods/burstable/pod3b2a6f1e-7c4d-4e5f-8a9b-0c1d2e3f4a5bXX/abc",
-        ] {
-            assert_eq!(parse_cgroup_path(p), (None, None), "{p}");
-        }
-    }
-
-    #[test]
-    fn proc_cgroup_v1_and_v2() {
-        let v2 = format!(
-            "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{CID}.scope\n",
-            UID.replace('-', "_")
-        );
-        let i = parse_cgroup(&v2).unwrap();
-        assert!(i.v2);
-        assert_eq!(i.pod_uid.as_deref(), Some(UID));
-        assert_eq!(i.container_id.as_deref(), Some(CID));
-        let v1 = format!(
-            "12:pids:/kubepods/burstable/pod{UID}/{CID}\n11:cpuset:/kubepods/burstable/pod{UID}/{CID}\n1:name=systemd:/kubepods/burstable/pod{UID}/{CID}\n0::/\n"
-        );
-        let i = parse_cgroup(&v1).unwrap();
-        assert!(!i.v2);
-        assert_eq!(i.pod_uid.as_deref(), Some(UID));
-        assert_eq!(i.runtime, Some(Runtime::Unknown));
-        let host = parse_cgroup("0::/system.slice/sshd.service\n").unwrap();
-        assert_eq!((host.pod_uid, host.container_id), (None, None));
-        assert!(parse_cgroup("garbage\n\n::\nx:y:z\n").is_none());
-        assert!(parse_cgroup("").is_none());
-    }
 
     #[test]
     fn resolver_lookup_and_resync() {
@@ -591,5 +432,43 @@ mod tests {
         assert_eq!(r.pod_count(), 0);
         assert_eq!(r.lookup(UID, None).name, None);
         assert_eq!(r.by_cgroup_id(12345), None);
+    }
+
+    #[test]
+    fn cgroup_index_names_host_and_pod_cgroups_and_their_pids() {
+        let d = tempfile::tempdir().unwrap();
+        // A hybrid host: v1 controllers in fs/cgroup, the v2 tree in fs/cgroup/unified.
+        let root = d.path().join("fs/cgroup/unified");
+        let pod = root.join(format!("nested/kubepods/besteffort/pod{UID}/{CID}"));
+        let host = root.join("system.slice/sshd.service");
+        for dir in [&pod, &host] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::fs::write(root.join("cgroup.controllers"), "").unwrap();
+        std::fs::write(host.join("cgroup.procs"), "7\n8\nnot-a-pid\n9\n").unwrap();
+        let r = PodResolver::new(d.path());
+        assert_eq!(r.cgroup_root(), root);
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        // Pod cgroups below any depth are found; the pod is named by its UID.
+        let p = r.by_cgroup_id(ino(&pod)).expect("nested pod cgroup");
+        assert_eq!(
+            (p.uid.as_str(), p.container_id.as_deref()),
+            (UID, Some(CID))
+        );
+        // Host cgroups are indexed (a path, pids) but are nobody's pod.
+        assert_eq!(r.by_cgroup_id(ino(&host)), None);
+        assert_eq!(
+            r.cgroup_path(ino(&host)).as_deref(),
+            Some("/system.slice/sshd.service")
+        );
+        assert_eq!(r.cgroup_path(ino(&root)).as_deref(), Some("/"));
+        // At most `max` lines are read; garbage lines are skipped.
+        assert_eq!(r.cgroup_pids(ino(&host), 2), [7, 8]);
+        assert_eq!(r.cgroup_pids(ino(&host), 16), [7, 8, 9]);
+        assert!(r.cgroup_pids(u64::MAX, 16).is_empty());
+        // Without a unified mount the tree is fs/cgroup itself.
+        let plain = tempfile::tempdir().unwrap();
+        let r = PodResolver::new(plain.path());
+        assert_eq!(r.cgroup_root(), plain.path().join("fs/cgroup"));
     }
 }

@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use ark_exporter::collectors::CollectorKind;
+use ark_exporter::collectors::host::infiniband::InfinibandCollector;
+use ark_exporter::collectors::host::netdev::NetdevCollector;
+use ark_exporter::collectors::host::process::ProcessCollector;
 use ark_exporter::collectors::host::{HostConfig, HostSet, HostSource, PollError};
-use ark_exporter::collectors::infiniband::InfinibandCollector;
-use ark_exporter::collectors::netdev::NetdevCollector;
-use ark_exporter::collectors::process::ProcessCollector;
 use ark_exporter::event::{Event, EventType};
 use ark_exporter::metrics::Telemetry;
 use ark_exporter::pods::PodResolver;
@@ -671,4 +671,52 @@ fn pid_to_pod_for_other_collectors() {
     );
     assert_eq!(pods.resolve_pid(&cfg.procfs, 300), None);
     assert_eq!(pods.resolve_pid(&cfg.procfs, 999_999), None);
+}
+
+/// On the real `/proc` the process collector skips listing it while no pid was allocated
+/// (`/proc/loadavg`): a process started after the listing must still be found and tracked.
+#[test]
+fn real_proc_new_process_is_found_despite_the_cached_listing() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cfg = HostConfig::default();
+    let mut pc = ProcessCollector::new(&cfg, PodResolver::new(Path::new("/sys")));
+    let mut now = T0;
+    // Classify what runs now (batches of `fd_scan_processes_per_poll`).
+    for _ in 0..400 {
+        now += 2_000;
+        if !pc.poll(now).unwrap().more {
+            break;
+        }
+    }
+    let mut child = Command::new("bash")
+        .args([
+            "-c",
+            &format!("exec 3<>/dev/tcp/127.0.0.1/{port}; exec sleep 30"),
+        ])
+        .spawn()
+        .unwrap();
+    let (_conn, _) = listener.accept().unwrap();
+    let pid = child.id().to_string();
+    let mut found = false;
+    for _ in 0..400 {
+        now += 2_000;
+        let out = pc.poll(now).unwrap();
+        found = out
+            .families
+            .iter()
+            .filter(|f| f.name() == "ark_process_info")
+            .flat_map(|f| f.get_metric())
+            .any(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "pid" && l.value() == pid)
+            });
+        if found {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(found, "pid {pid} holding a socket was never tracked");
 }

@@ -352,7 +352,7 @@ async fn running_collector_publishes_xids_at_once_and_the_why_api_sees_them() {
     let mut cfg = Config::default();
     // Ten minutes: anything seen below within seconds did not come from the polling interval.
     cfg.nvml.poll_interval = DurationSpec(600_000);
-    let collector = NvmlCollector::new(&cfg).with_source(src);
+    let collector = NvmlCollector::new(&cfg.nvml, &cfg.host.procfs).with_source(src);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ctx = CollectorContext::new(CollectorKind::Nvml, &running.sender, &telemetry, stop_rx);
     let task = tokio::spawn(Box::new(collector).run(ctx));

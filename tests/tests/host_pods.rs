@@ -9,9 +9,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use ark_exporter::collectors::host::process::ProcessCollector;
 use ark_exporter::collectors::host::{HostConfig, HostSource};
 use ark_exporter::collectors::pods::watch;
-use ark_exporter::collectors::process::ProcessCollector;
 use ark_exporter::event::EventType;
 use ark_exporter::metrics::Telemetry;
 use ark_exporter::pods::{ClusterState, PodResolver};

@@ -1,40 +1,41 @@
 //! The `ebpf` collector: TCP retransmits per flow and pod, block I/O latency, process exits and
 //! OOM kills, from the kernel-side programs in `ebpf/ark.bpf.c` (loaded with aya).
 //!
-//! It runs on its own blocking thread: the ring buffer is drained every [`DRAIN_EVERY`]
-//! (events reach the pipeline within that), the maps are read every `poll_interval` into a
-//! metrics snapshot. It may touch: the BPF syscall, `/sys/kernel/btf/vmlinux`, cgroup2 mounts
-//! (to attribute cgroup ids), `<sysfs>/dev/block` (device names) and the host's interface
-//! addresses (to name the NIC a flow uses).
+//! It runs on its own blocking thread that sleeps in `poll(2)` on the ring buffer's fd: the
+//! kernel wakes it when records arrive (nothing to do, no wake-up), and after a drain it waits
+//! at least [`DRAIN_EVERY`] so a burst is taken in batches; the maps are read every
+//! `poll_interval` into a metrics snapshot. It may touch: the BPF syscall, `/sys/kernel/btf/vmlinux`,
+//! `<sysfs>/dev/block` (device names) and the host's interface addresses (to name the NIC a
+//! flow uses). cgroup ids are attributed by the shared [`crate::pods::PodResolver`] (the one
+//! cgroup → pod authority).
 //!
 //! Degradation: built without clang, missing CAP_BPF/CAP_PERFMON, no BTF → `ark_collector_up
 //! {collector="ebpf"} 0` and one log line saying why; the rest of the exporter runs on.
 //!
 //! Caps: kernel maps as in `ebpf/ark.h`; userspace: [`MAX_POD_SERIES`] retransmit series,
-//! [`MAX_IO_SERIES`] histogram series, [`cgroups::MAX_CGROUPS`] indexed cgroups,
+//! [`MAX_IO_SERIES`] histogram series, [`crate::pods::MAX_CGROUP_IDS`] indexed cgroups,
 //! [`kernel::MAX_TRACKED_FLOWS`] remembered flow counts.
 
-pub mod cgroups;
 pub mod kernel;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
 use tracing::{info, warn};
 
-use self::cgroups::{CgroupIndex, parse_pod_path};
 use self::kernel::{Flow, FlowTotals, IoHistogram, IoOp, KernelEvent, ProbeConfig, Probes};
 use super::{BoxFuture, Collector, CollectorContext};
-use crate::config::Config;
 use crate::event::{Event, EventType};
 use crate::metrics::family;
+use crate::pods::PodResolver;
 
-/// How often the ring buffer is drained.
+/// Least time between two drains of the ring buffer (events reach the pipeline within that).
 pub const DRAIN_EVERY: Duration = Duration::from_millis(20);
+/// Longest sleep without looking at the shutdown flag.
+const SHUTDOWN_CHECK: Duration = Duration::from_millis(500);
 /// Most `(pod, namespace)` series of `ark_tcp_retransmits_total`; the rest add to `pod="_other"`.
 pub const MAX_POD_SERIES: usize = 256;
 /// Most `(device, op)` series of `ark_block_io_latency_seconds`.
@@ -42,8 +43,8 @@ pub const MAX_IO_SERIES: usize = 128;
 /// Most records taken from the ring buffer per drain (the rest wait for the next one).
 const DRAIN_BATCH: usize = 4096;
 
-/// Resolves a pod UID to `(name, namespace)`; connected when the Kubernetes pod watch runs.
-pub type PodNames = Arc<dyn Fn(&str) -> Option<(String, String)> + Send + Sync>;
+/// Most pids of one cgroup linked to a retransmit; a cgroup with more is too crowded to say.
+pub const MAX_PIDS_PER_CGROUP: usize = 16;
 
 /// What the collector does (`[ebpf]` in the config file).
 #[derive(Debug, Clone)]
@@ -66,33 +67,16 @@ impl Default for EbpfSettings {
 /// See the module docs.
 pub struct EbpfCollector {
     settings: EbpfSettings,
-    procfs: PathBuf,
     sysfs: PathBuf,
-    pod_names: Option<PodNames>,
 }
 
 impl EbpfCollector {
-    pub fn new(cfg: &Config) -> Self {
-        Self::with(
-            cfg.ebpf.settings(),
-            cfg.host.procfs.clone(),
-            cfg.host.sysfs.clone(),
-        )
-    }
-
-    pub fn with(settings: EbpfSettings, procfs: PathBuf, sysfs: PathBuf) -> Self {
+    /// The `[ebpf]` settings; `sysfs` names block devices.
+    pub fn new(settings: EbpfSettings, sysfs: &Path) -> Self {
         Self {
             settings,
-            procfs,
-            sysfs,
-            pod_names: None,
+            sysfs: sysfs.to_owned(),
         }
-    }
-
-    /// Connects pod-name resolution (pod label = UID until then).
-    pub fn with_pod_names(mut self, names: PodNames) -> Self {
-        self.pod_names = Some(names);
-        self
     }
 }
 
@@ -108,15 +92,7 @@ impl Collector for EbpfCollector {
     }
 }
 
-fn run_blocking(mut c: EbpfCollector, ctx: CollectorContext) {
-    if c.pod_names.is_none() {
-        // Pod UID → (name, namespace) from the shared pod watch (`pods` collector).
-        let pods = ctx.pods.clone();
-        c.pod_names = Some(Arc::new(move |uid: &str| {
-            let p = pods.lookup(uid, None);
-            Some((p.name?, p.namespace?))
-        }));
-    }
+fn run_blocking(c: EbpfCollector, ctx: CollectorContext) {
     let cfg = ProbeConfig {
         slow_io: c.settings.slow_io,
         retransmit_event_gap: c.settings.retransmit_event_gap,
@@ -136,7 +112,7 @@ fn run_blocking(mut c: EbpfCollector, ctx: CollectorContext) {
         "eBPF programs loaded and attached"
     );
     ctx.status.set_up(true);
-    let mut state = State::new(&c);
+    let mut state = State::new(&c, ctx.pods.clone());
     let mut last_poll: Option<Instant> = None;
     let mut batch = Vec::new();
     while !*ctx.shutdown.borrow() {
@@ -155,7 +131,20 @@ fn run_blocking(mut c: EbpfCollector, ctx: CollectorContext) {
             last_poll = Some(t);
         }
         std::thread::sleep(DRAIN_EVERY);
+        let next_poll = last_poll.map_or(Duration::ZERO, |t| {
+            c.settings.poll_interval.saturating_sub(t.elapsed())
+        });
+        wait_readable(probes.ring_fd(), next_poll.min(SHUTDOWN_CHECK));
     }
+}
+
+/// Sleeps until `fd` is readable or `timeout` passed (an error or a signal ends it early, which
+/// only costs one extra loop).
+fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, timeout: Duration) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    let _ = poll(&mut fds, PollTimeout::from(ms));
 }
 
 fn now_ms() -> i64 {
@@ -175,9 +164,8 @@ struct Owner {
 
 /// Userspace state between polls: attribution caches and monotonic totals.
 struct State {
-    cgroups: CgroupIndex,
+    pods: PodResolver,
     sysfs: PathBuf,
-    pod_names: Option<PodNames>,
     totals: FlowTotals<(String, String)>,
     ifaces: HashMap<IpAddr, String>,
     ifaces_at: Option<Instant>,
@@ -186,11 +174,10 @@ struct State {
 }
 
 impl State {
-    fn new(c: &EbpfCollector) -> Self {
+    fn new(c: &EbpfCollector, pods: PodResolver) -> Self {
         Self {
-            cgroups: CgroupIndex::new(&c.procfs, Duration::from_secs(5)),
+            pods,
             sysfs: c.sysfs.clone(),
-            pod_names: c.pod_names.clone(),
             totals: FlowTotals::default(),
             ifaces: HashMap::new(),
             ifaces_at: None,
@@ -199,25 +186,25 @@ impl State {
         }
     }
 
-    fn owner(&mut self, cgroup_id: u64) -> Owner {
-        let Some(rel) = self.cgroups.relative(cgroup_id) else {
+    /// Pod and namespace of a cgroup; `with_pids` also names its processes (only retransmits
+    /// link pids: reading `cgroup.procs` for every exit would be wasted work).
+    fn owner(&mut self, cgroup_id: u64, with_pids: bool) -> Owner {
+        let Some(path) = self.pods.cgroup_path(cgroup_id) else {
             return Owner::default();
         };
-        let pod = parse_pod_path(&rel);
-        let (pod, namespace) = match pod.pod_uid {
-            Some(uid) => self
-                .pod_names
-                .as_ref()
-                .and_then(|f| f(&uid))
-                .unwrap_or((uid, String::new())),
+        let (pod, namespace) = match self.pods.by_cgroup_id(cgroup_id) {
+            Some(p) => match (p.name, p.namespace) {
+                (Some(n), Some(ns)) => (n, ns),
+                _ => (p.uid, String::new()),
+            },
             None => (String::new(), String::new()),
         };
         // A mount root holds every host process: naming some of them would be a guess.
-        let pids = if rel == "/" {
+        let pids = if !with_pids || path == "/" {
             Vec::new()
         } else {
-            let pids = self.cgroups.pids(cgroup_id);
-            if pids.len() >= cgroups::MAX_PIDS_PER_CGROUP {
+            let pids = self.pods.cgroup_pids(cgroup_id, MAX_PIDS_PER_CGROUP);
+            if pids.len() >= MAX_PIDS_PER_CGROUP {
                 Vec::new()
             } else {
                 pids
@@ -279,7 +266,7 @@ impl State {
                 flow,
                 count,
             } => {
-                let o = self.owner(cgroup_id);
+                let o = self.owner(cgroup_id, true);
                 let entity = format!("network-{}", self.iface(flow.saddr));
                 let value = format!("tcp retransmit count={count} {}", flow_str(&flow));
                 if o.pids.is_empty() {
@@ -304,7 +291,7 @@ impl State {
                 dev,
                 ..
             } => {
-                let o = self.owner(cgroup_id);
+                let o = self.owner(cgroup_id, false);
                 let dev = self.devname(dev);
                 // `waiting` makes the graph link the issuing process WaitsOn the device; the
                 // latency itself is in the histogram.
@@ -323,7 +310,7 @@ impl State {
                 signal,
                 comm,
             } => {
-                let o = self.owner(cgroup_id);
+                let o = self.owner(cgroup_id, false);
                 let value = if signal != 0 {
                     format!("exited signal={signal} comm={comm}")
                 } else {
@@ -357,7 +344,7 @@ impl State {
                 if keys.contains_key(&cg) {
                     continue;
                 }
-                let o = self.owner(cg);
+                let o = self.owner(cg, false);
                 let mut k = (o.pod, o.namespace);
                 if !self.totals.totals().contains_key(&k) {
                     if self.totals.totals().len() + new_keys.len() >= MAX_POD_SERIES {

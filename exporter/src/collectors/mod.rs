@@ -3,9 +3,11 @@
 //! # Adding a collector (procfs, eBPF, NVML, ...)
 //! One file plus one match arm:
 //! 1. `collectors/<name>.rs` with a type implementing [`Collector`]; its `run` gets a
-//!    [`CollectorContext`] and loops until `ctx.shutdown` flips to `true`.
+//!    [`CollectorContext`] and loops until `ctx.shutdown` flips to `true`. A procfs/sysfs
+//!    collector is instead a [`host::HostSource`] in `collectors/host/<name>.rs`, with its arm in
+//!    [`host::source`] (the one list the service, the golden test and the benchmark share).
 //! 2. A variant in [`CollectorKind`] with its name, default on/off state and the arm in
-//!    [`CollectorKind::build`] that constructs it from the [`Config`].
+//!    [`CollectorKind::build`] that constructs it from its own section of the [`Config`].
 //!
 //! What a collector may do with its context:
 //! - send [`Event`](crate::event::Event)s into the pipeline with `ctx.events.send(ev)` (never
@@ -22,16 +24,11 @@
 //! Enabling: each kind has a default; the config's `[collectors]` table (`probe = false`) and the
 //! `--collector NAME` / `--no-collector NAME` flags override it, flags last.
 
-pub mod block;
 pub mod ebpf;
 pub mod host;
-pub mod infiniband;
-pub mod netdev;
 pub mod nvml;
 pub mod pods;
-pub mod pressure;
 pub mod probe;
-pub mod process;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -53,15 +50,15 @@ pub enum CollectorKind {
     Ebpf,
     /// NVIDIA GPUs through NVML (off by default: `--collector nvml`).
     Nvml,
-    /// `/proc/net/dev` + `/sys/class/net` ([`netdev`]).
+    /// `/proc/net/dev` + `/sys/class/net` ([`host::netdev`]).
     Netdev,
-    /// `/sys/class/infiniband` ([`infiniband`]).
+    /// `/sys/class/infiniband` ([`host::infiniband`]).
     Infiniband,
-    /// `/proc/diskstats` ([`block`]).
+    /// `/proc/diskstats` ([`host::block`]).
     Block,
-    /// `/proc/pressure` ([`pressure`]).
+    /// `/proc/pressure` ([`host::pressure`]).
     Pressure,
-    /// Processes holding GPUs, RDMA devices or sockets ([`process`]).
+    /// Processes holding GPUs, RDMA devices or sockets ([`host::process`]).
     Process,
     /// Kubernetes watch of this node's pods for attribution ([`pods`]).
     Pods,
@@ -115,28 +112,27 @@ impl CollectorKind {
         Self::ALL.iter().copied().find(|k| k.name() == name)
     }
 
-    /// Builds the collector from the configuration. The one match arm per collector.
+    /// Builds the collector from its own section of the configuration. The one match arm per
+    /// collector; the procfs/sysfs ones are listed in [`host::source`].
     pub fn build(self, cfg: &Config) -> crate::Result<Box<dyn Collector>> {
+        let log_interval = cfg.log_interval();
         Ok(match self {
-            CollectorKind::Probe => Box::new(probe::ProbeCollector::new(cfg)),
-            CollectorKind::Ebpf => Box::new(ebpf::EbpfCollector::new(cfg)),
-            CollectorKind::Nvml => Box::new(nvml::NvmlCollector::new(cfg)),
-            CollectorKind::Netdev => {
-                host::collector(self, cfg, |h, _| Box::new(netdev::NetdevCollector::new(h)))
-            }
-            CollectorKind::Infiniband => host::collector(self, cfg, |h, _| {
-                Box::new(infiniband::InfinibandCollector::new(h))
-            }),
-            CollectorKind::Block => {
-                host::collector(self, cfg, |h, _| Box::new(block::BlockCollector::new(h)))
-            }
-            CollectorKind::Pressure => host::collector(self, cfg, |h, _| {
-                Box::new(pressure::PressureCollector::new(h))
-            }),
-            CollectorKind::Process => host::collector(self, cfg, |h, pods| {
-                Box::new(process::ProcessCollector::new(h, pods))
-            }),
-            CollectorKind::Pods => Box::new(pods::PodsCollector::new(cfg)),
+            CollectorKind::Probe => Box::new(probe::ProbeCollector::new(
+                &cfg.probes,
+                &cfg.probe,
+                log_interval,
+            )),
+            CollectorKind::Ebpf => Box::new(ebpf::EbpfCollector::new(
+                cfg.ebpf.settings(),
+                &cfg.host.sysfs,
+            )),
+            CollectorKind::Nvml => Box::new(nvml::NvmlCollector::new(&cfg.nvml, &cfg.host.procfs)),
+            CollectorKind::Pods => Box::new(pods::PodsCollector::new(&cfg.host, log_interval)),
+            CollectorKind::Netdev
+            | CollectorKind::Infiniband
+            | CollectorKind::Block
+            | CollectorKind::Pressure
+            | CollectorKind::Process => host::collector(self, &cfg.host, log_interval),
         })
     }
 }

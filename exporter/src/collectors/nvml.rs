@@ -38,7 +38,6 @@ pub use poll::{PollSettings, Poller};
 pub use source::{GpuError, GpuSource, XidEvent};
 
 use super::{BoxFuture, Collector, CollectorContext};
-use crate::config::Config;
 use crate::event::{Event, EventType};
 use crate::metrics::Telemetry;
 use crate::pipeline::EventSender;
@@ -131,8 +130,8 @@ pub struct NvmlCollector {
 
 impl NvmlCollector {
     /// The collector with the real NVML backend.
-    pub fn new(cfg: &Config) -> Self {
-        let settings = cfg.nvml.clone();
+    pub fn new(section: &NvmlSection, procfs: &std::path::Path) -> Self {
+        let settings = section.clone();
         let lib = settings.library.clone();
         NvmlCollector {
             settings,
@@ -141,7 +140,7 @@ impl NvmlCollector {
             }),
             resolver: None,
             clock: Arc::new(wall_ms),
-            procfs: cfg.host.procfs.clone(),
+            procfs: procfs.to_owned(),
         }
     }
 
@@ -438,6 +437,7 @@ impl Runner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     #[test]
     fn nvml_section_defaults_file_and_unknown_keys() {

@@ -20,7 +20,6 @@ use kube::runtime::watcher::{self, Event as WatchEvent};
 
 use super::host::HostConfig;
 use super::{BoxFuture, Collector, CollectorContext};
-use crate::config::Config;
 use crate::metrics::CollectorStatus;
 use crate::pods::{ClusterState, PodResolver};
 use crate::ratelimit::LogLimiter;
@@ -32,10 +31,11 @@ pub struct PodsCollector {
 }
 
 impl PodsCollector {
-    pub fn new(cfg: &Config) -> Self {
+    /// The `[host]` section names the kubeconfig and the node.
+    pub fn new(host: &HostConfig, log_interval: Duration) -> Self {
         PodsCollector {
-            host: cfg.host.clone(),
-            log_interval: Duration::from_millis(cfg.pipeline.log_interval.0.max(1) as u64),
+            host: host.clone(),
+            log_interval,
         }
     }
 }

@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use super::{BoxFuture, Collector, CollectorContext};
-use crate::config::{Config, ProbeSpec};
+use crate::config::{ProbeSection, ProbeSpec};
 use crate::event::{MAX_LINE_BYTES, ParseError, parse_line};
 use crate::ratelimit::LogLimiter;
 
@@ -42,16 +42,17 @@ pub struct ProbeCollector {
 }
 
 impl ProbeCollector {
-    pub fn new(cfg: &Config) -> Self {
+    /// The `probes` list and the `[probe]` restart policy.
+    pub fn new(probes: &[ProbeSpec], policy: &ProbeSection, log_interval: Duration) -> Self {
         let ms = |d: crate::rules::format::DurationSpec| Duration::from_millis(d.0.max(1) as u64);
         ProbeCollector {
-            probes: cfg.probes.clone(),
+            probes: probes.to_vec(),
             backoff: Backoff {
-                initial: ms(cfg.probe.backoff_initial),
-                max: ms(cfg.probe.backoff_max),
-                reset_after: ms(cfg.probe.backoff_reset_after),
+                initial: ms(policy.backoff_initial),
+                max: ms(policy.backoff_max),
+                reset_after: ms(policy.backoff_reset_after),
             },
-            log_interval: ms(cfg.pipeline.log_interval),
+            log_interval,
         }
     }
 }

@@ -170,7 +170,9 @@ fn xid_latency(gpus: u32, n: u32) -> anyhow::Result<Stats> {
     let running = pipeline::spawn(p, telemetry.clone())?;
     let src = Arc::new(fleet(gpus, 4));
     let tx = src.xid_sender();
-    let collector = NvmlCollector::new(&Config::default()).with_source(src as Arc<dyn GpuSource>);
+    let cfg = Config::default();
+    let collector =
+        NvmlCollector::new(&cfg.nvml, &cfg.host.procfs).with_source(src as Arc<dyn GpuSource>);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ctx = CollectorContext::new(CollectorKind::Nvml, &running.sender, &telemetry, stop_rx);
     let rt = tokio::runtime::Builder::new_current_thread()

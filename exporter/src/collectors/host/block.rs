@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use prometheus::proto::MetricType;
 
-use super::host::{
+use super::{
     CounterTracker, HostConfig, HostSource, PollError, PollOutput, Rows, event, is_absent,
     read_into,
 };

@@ -9,7 +9,7 @@
 
 use prometheus::proto::MetricType;
 
-use super::host::{HostConfig, HostSource, PollError, PollOutput, read_into};
+use super::{HostConfig, HostSource, PollError, PollOutput, read_into};
 use crate::metrics::family;
 
 /// The PSI resources read.

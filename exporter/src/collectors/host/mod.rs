@@ -19,8 +19,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use prometheus::proto::MetricFamily;
 use serde::Deserialize;
 
+mod bench;
+pub mod block;
+pub mod infiniband;
+pub mod netdev;
+pub mod pressure;
+pub mod process;
+
+pub use self::bench::{HostBenchArgs, HostSet, bench};
+
 use super::{BoxFuture, Collector, CollectorContext, CollectorKind};
-use crate::config::Config;
 use crate::event::{Event, EventType};
 use crate::pods::PodResolver;
 use crate::ratelimit::LogLimiter;
@@ -34,8 +42,11 @@ pub struct HostConfig {
     pub procfs: PathBuf,
     /// sysfs mount point (`--path.sysfs`); the cgroup v2 tree is `<sysfs>/fs/cgroup`.
     pub sysfs: PathBuf,
-    /// Poll interval of every host collector.
+    /// Poll interval of every host collector while something happens.
     pub interval: DurationSpec,
+    /// While a collector's polls send no events (and leave no work for the next one), its
+    /// interval doubles up to this; the first event brings it back to `interval`.
+    pub idle_interval: DurationSpec,
     /// A condition that holds (port down, process attached to a device) is re-sent this often
     /// so its graph edge does not expire while it lasts.
     pub event_refresh: DurationSpec,
@@ -65,6 +76,7 @@ impl Default for HostConfig {
             procfs: PathBuf::from("/proc"),
             sysfs: PathBuf::from("/sys"),
             interval: DurationSpec(2_000),
+            idle_interval: DurationSpec(8_000),
             event_refresh: DurationSpec(60_000),
             max_devices: 256,
             max_processes_scanned: 8_192,
@@ -81,6 +93,10 @@ impl Default for HostConfig {
 impl HostConfig {
     pub fn interval(&self) -> Duration {
         Duration::from_millis(self.interval.0.max(10) as u64)
+    }
+    /// The idle interval, never below [`HostConfig::interval`].
+    pub fn idle_interval(&self) -> Duration {
+        Duration::from_millis(self.idle_interval.0.max(10) as u64).max(self.interval())
     }
     pub fn refresh_ms(&self) -> i64 {
         self.event_refresh.0.max(1)
@@ -105,6 +121,18 @@ pub struct PollOutput {
     pub events: Vec<Event>,
     /// Lines or files that could not be parsed this poll (logged rate-limited, counted).
     pub bad_input: Vec<String>,
+    /// Work is left for the next poll (a batch budget ran out): poll again at the base interval.
+    pub more: bool,
+}
+
+/// The next poll interval: back to `base` after a poll that sent events or left work, doubled
+/// (up to `idle`) after a quiet one. Pure.
+pub fn next_interval(current: Duration, base: Duration, idle: Duration, active: bool) -> Duration {
+    if active {
+        base
+    } else {
+        current.saturating_mul(2).clamp(base, idle.max(base))
+    }
 }
 
 /// Why a poll produced nothing.
@@ -322,210 +350,72 @@ impl HostSource for Box<dyn HostSource> {
     }
 }
 
-/// Builds a host source from the `[host]` config and the shared pod resolver.
-pub type MakeSource = fn(&HostConfig, PodResolver) -> Box<dyn HostSource>;
+/// The host source of `kind` over the `[host]` configuration; `None` for kinds that are not
+/// procfs/sysfs collectors. The one list of host collectors: the service
+/// ([`CollectorKind::build`]), the golden test and `ark-exporter bench host` ([`HostSet`]) all
+/// build them here.
+pub fn source(
+    kind: CollectorKind,
+    cfg: &HostConfig,
+    pods: &PodResolver,
+) -> Option<Box<dyn HostSource>> {
+    Some(match kind {
+        CollectorKind::Netdev => Box::new(netdev::NetdevCollector::new(cfg)),
+        CollectorKind::Infiniband => Box::new(infiniband::InfinibandCollector::new(cfg)),
+        CollectorKind::Block => Box::new(block::BlockCollector::new(cfg)),
+        CollectorKind::Pressure => Box::new(pressure::PressureCollector::new(cfg)),
+        CollectorKind::Process => Box::new(process::ProcessCollector::new(cfg, pods.clone())),
+        CollectorKind::Probe | CollectorKind::Ebpf | CollectorKind::Nvml | CollectorKind::Pods => {
+            return None;
+        }
+    })
+}
 
 /// A host source as a [`Collector`]: the one wrapper behind every procfs/sysfs match arm.
 pub struct HostCollector {
     kind: CollectorKind,
-    make: MakeSource,
     host: HostConfig,
     log_interval: Duration,
 }
 
 /// The `CollectorKind::build` arm of a host collector.
-pub fn collector(kind: CollectorKind, cfg: &Config, make: MakeSource) -> Box<dyn Collector> {
+pub fn collector(
+    kind: CollectorKind,
+    cfg: &HostConfig,
+    log_interval: Duration,
+) -> Box<dyn Collector> {
     Box::new(HostCollector {
         kind,
-        make,
-        host: cfg.host.clone(),
-        log_interval: Duration::from_millis(cfg.pipeline.log_interval.0.max(1) as u64),
+        host: cfg.clone(),
+        log_interval,
     })
 }
 
 impl Collector for HostCollector {
     fn run(self: Box<Self>, ctx: CollectorContext) -> BoxFuture {
-        let source = (self.make)(&self.host, ctx.pods.clone());
+        let Some(source) = source(self.kind, &self.host, &ctx.pods) else {
+            tracing::error!(collector = self.kind.name(), "Not a host collector");
+            return Box::pin(async {});
+        };
         run_source(
             self.kind.name(),
             source,
-            self.host.interval(),
+            (self.host.interval(), self.host.idle_interval()),
             self.log_interval,
             ctx,
         )
     }
 }
 
-/// Every host collector over one `[host]` configuration, polled in-line: what the golden test
-/// and `ark-exporter bench host` use (the service runs each on its own loop instead).
-pub struct HostSet {
-    sources: Vec<(CollectorKind, Box<dyn HostSource>)>,
-}
-
-impl HostSet {
-    /// The procfs/sysfs collectors, in [`CollectorKind::ALL`] order.
-    pub fn new(cfg: &HostConfig, pods: &PodResolver) -> Self {
-        let p = pods.clone();
-        HostSet {
-            sources: vec![
-                (
-                    CollectorKind::Netdev,
-                    Box::new(super::netdev::NetdevCollector::new(cfg)),
-                ),
-                (
-                    CollectorKind::Infiniband,
-                    Box::new(super::infiniband::InfinibandCollector::new(cfg)),
-                ),
-                (
-                    CollectorKind::Block,
-                    Box::new(super::block::BlockCollector::new(cfg)),
-                ),
-                (
-                    CollectorKind::Pressure,
-                    Box::new(super::pressure::PressureCollector::new(cfg)),
-                ),
-                (
-                    CollectorKind::Process,
-                    Box::new(super::process::ProcessCollector::new(cfg, p)),
-                ),
-            ],
-        }
-    }
-
-    /// Polls every source once.
-    pub fn poll(&mut self, now_ms: i64) -> Vec<(CollectorKind, Result<PollOutput, PollError>)> {
-        self.sources
-            .iter_mut()
-            .map(|(k, s)| (*k, s.poll(now_ms)))
-            .collect()
-    }
-
-    /// Polls every source once and publishes like the service does (families, `up`); returns
-    /// the events.
-    pub fn poll_into(&mut self, now_ms: i64, telemetry: &crate::metrics::Telemetry) -> Vec<Event> {
-        let mut events = Vec::new();
-        for (kind, res) in self.poll(now_ms) {
-            let status = telemetry.collector(kind.name());
-            match res {
-                Ok(out) => {
-                    status.set_up(true);
-                    telemetry.snapshots.publish(kind.name(), out.families);
-                    events.extend(out.events);
-                }
-                Err(_) => {
-                    status.set_up(false);
-                    telemetry.snapshots.publish(kind.name(), Vec::new());
-                }
-            }
-        }
-        events
-    }
-}
-
-/// `ark-exporter bench host`: a full collection of every host collector, timed.
-#[derive(Debug, clap::Args)]
-pub struct HostBenchArgs {
-    /// Timed collections.
-    #[arg(long, default_value_t = 200)]
-    pub runs: usize,
-    /// Untimed collections first (the process collector classifies new processes in batches).
-    #[arg(long, default_value_t = 50)]
-    pub warmup: usize,
-    #[arg(long = "path.procfs", default_value = "/proc")]
-    pub procfs: PathBuf,
-    #[arg(long = "path.sysfs", default_value = "/sys")]
-    pub sysfs: PathBuf,
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-/// Runs the host benchmark and returns its JSON report. Simulated time advances by the poll
-/// interval per collection, so re-classification happens at its real rate.
-pub fn bench(a: &HostBenchArgs) -> serde_json::Value {
-    let cfg = HostConfig {
-        procfs: a.procfs.clone(),
-        sysfs: a.sysfs.clone(),
-        ..HostConfig::default()
-    };
-    let pods = PodResolver::new(&cfg.sysfs);
-    let mut set = HostSet::new(&cfg, &pods);
-    let step = cfg.interval.0.max(1);
-    let mut now = wall_ms();
-    let t0 = Instant::now();
-    let first = set.poll(now);
-    let cold_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let up: serde_json::Map<String, serde_json::Value> = first
-        .iter()
-        .map(|(k, r)| (k.name().to_owned(), serde_json::Value::Bool(r.is_ok())))
-        .collect();
-    for _ in 0..a.warmup {
-        now += step;
-        set.poll(now);
-    }
-    let n = set.sources.len();
-    let mut total = Vec::with_capacity(a.runs);
-    let mut per: Vec<Vec<f64>> = vec![Vec::with_capacity(a.runs); n];
-    let mut series = 0usize;
-    let mut events = 0usize;
-    for _ in 0..a.runs.max(1) {
-        now += step;
-        let t = Instant::now();
-        series = 0;
-        for (i, (_, s)) in set.sources.iter_mut().enumerate() {
-            let ti = Instant::now();
-            let r = s.poll(now);
-            per[i].push(ti.elapsed().as_secs_f64() * 1e3);
-            if let Ok(out) = r {
-                series += out
-                    .families
-                    .iter()
-                    .map(|f| f.get_metric().len())
-                    .sum::<usize>();
-                events += out.events.len();
-            }
-        }
-        total.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    total.sort_by(f64::total_cmp);
-    let mut per_json = serde_json::Map::new();
-    for (i, (k, _)) in set.sources.iter().enumerate() {
-        per[i].sort_by(f64::total_cmp);
-        per_json.insert(
-            k.name().to_owned(),
-            serde_json::json!({
-                "median_ms": percentile(&per[i], 0.5),
-                "p90_ms": percentile(&per[i], 0.9),
-            }),
-        );
-    }
-    serde_json::json!({
-        "runs": total.len(),
-        "median_ms": percentile(&total, 0.5),
-        "p90_ms": percentile(&total, 0.9),
-        "max_ms": total.last().copied().unwrap_or(0.0),
-        "cold_first_collection_ms": cold_ms,
-        "collectors_up": up,
-        "per_collector": per_json,
-        "series_per_collection": series,
-        "events_per_collection": events as f64 / total.len().max(1) as f64,
-        "procfs": cfg.procfs,
-        "sysfs": cfg.sysfs,
-    })
-}
-
-/// Runs `source` every `interval` until shutdown: publishes its families under `name`, sends its
-/// events, and keeps `ark_collector_up` / `ark_collector_duration_seconds` current. A collector
-/// whose files are absent logs that once (one clear line) and reports `up 0`.
+/// Runs `source` until shutdown, every `base` interval while it sends events and up to every
+/// `idle` while it is quiet ([`next_interval`]; a collector whose files are absent is polled at
+/// `idle`): publishes its families under `name`, sends its events, and keeps `ark_collector_up`
+/// / `ark_collector_duration_seconds` current. A collector whose files are absent logs that once
+/// (one clear line) and reports `up 0`.
 pub fn run_source<S: HostSource>(
     name: &'static str,
     source: S,
-    interval: Duration,
+    (base, idle): (Duration, Duration),
     log_interval: Duration,
     mut ctx: CollectorContext,
 ) -> BoxFuture {
@@ -535,6 +425,7 @@ pub fn run_source<S: HostSource>(
         let mut fail_log = LogLimiter::new(log_interval);
         let mut bad_log = LogLimiter::new(log_interval);
         let mut was_down = false;
+        let mut interval = base;
         loop {
             if *ctx.shutdown.borrow() {
                 return;
@@ -563,6 +454,8 @@ pub fn run_source<S: HostSource>(
                         was_down = false;
                     }
                     absent_logged = false;
+                    interval =
+                        next_interval(interval, base, idle, !out.events.is_empty() || out.more);
                     ctx.status.set_up(true);
                     ctx.telemetry.snapshots.publish(name, out.families);
                     for ev in out.events {
@@ -575,6 +468,7 @@ pub fn run_source<S: HostSource>(
                     }
                 }
                 Err(PollError::Absent { path, what }) => {
+                    interval = idle;
                     ctx.status.set_up(false);
                     ctx.telemetry.snapshots.publish(name, Vec::new());
                     if !absent_logged {
@@ -584,6 +478,7 @@ pub fn run_source<S: HostSource>(
                     was_down = false;
                 }
                 Err(PollError::Read(e)) => {
+                    interval = base;
                     ctx.status.set_up(false);
                     ctx.telemetry.snapshots.publish(name, Vec::new());
                     was_down = true;
@@ -639,6 +534,45 @@ mod tests {
         assert_eq!(t.len(), 1);
         assert_eq!(t.update(&"a", 1), Delta::Reset);
         assert_eq!(t.resets, 1);
+    }
+
+    #[test]
+    fn one_list_of_host_collectors() {
+        let cfg = HostConfig::default();
+        let pods = PodResolver::new(Path::new("/nonexistent"));
+        let host: Vec<_> = CollectorKind::ALL
+            .iter()
+            .copied()
+            .filter(|&k| source(k, &cfg, &pods).is_some())
+            .collect();
+        assert_eq!(
+            host,
+            [
+                CollectorKind::Netdev,
+                CollectorKind::Infiniband,
+                CollectorKind::Block,
+                CollectorKind::Pressure,
+                CollectorKind::Process,
+            ]
+        );
+        // The test/bench set is exactly that list, in that order.
+        assert_eq!(HostSet::new(&cfg, &pods).kinds(), host);
+    }
+
+    #[test]
+    fn interval_backs_off_while_quiet_and_snaps_back() {
+        let s = Duration::from_secs;
+        let (base, idle) = (s(2), s(8));
+        let mut i = base;
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            i = next_interval(i, base, idle, false);
+            seen.push(i.as_secs());
+        }
+        assert_eq!(seen, [4, 8, 8, 8]);
+        assert_eq!(next_interval(i, base, idle, true), base);
+        // An idle interval configured below the base never speeds polling up.
+        assert_eq!(next_interval(base, base, s(1), false), base);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 
 use prometheus::proto::MetricType;
 
-use super::host::{
+use super::{
     CounterTracker, HostConfig, HostSource, PollError, PollOutput, Refresh, event, is_absent,
     parse_counter, read_attr, read_into,
 };

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use prometheus::proto::{MetricFamily, MetricType};
 
-use super::host::{
+use super::{
     CounterTracker, HostConfig, HostSource, PollError, PollOutput, Refresh, Rows, event,
     parse_counter, read_attr,
 };
