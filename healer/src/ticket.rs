@@ -323,7 +323,7 @@ impl Ticket {
                 limit: TICKET_MAX_BYTES,
             });
         }
-        serde_yaml::from_str(text).map_err(|e| Error::Ticket {
+        let t: Ticket = serde_yaml::from_str(text).map_err(|e| Error::Ticket {
             node: node.to_owned(),
             message: match e.location() {
                 Some(l) => format!(
@@ -333,7 +333,20 @@ impl Ticket {
                 ),
                 None => format!("{e}; fix or delete the {TICKET_ANNOTATION} annotation"),
             },
-        })
+        })?;
+        // A ticket of a newer release (after a rollback) may mean things this release does not
+        // know: it is left untouched, like a broken one, instead of being rewritten without them.
+        if let Some(v) = t.schema.filter(|v| *v > SCHEMA) {
+            return Err(Error::Ticket {
+                node: node.to_owned(),
+                message: format!(
+                    "ticket schema {v} was written by a newer ark-healer (this one writes {SCHEMA}); \
+                     it will not touch the node until upgraded again, or until the \
+                     {TICKET_ANNOTATION} annotation is removed"
+                ),
+            });
+        }
+        Ok(t)
     }
 }
 
@@ -451,6 +464,17 @@ workflows:
         // Started by a less urgent condition: never counts against a more urgent one (I3).
         assert_eq!(second.remediations_since(t1, 86_400, 2), 0);
         assert_ne!(first.id(), second.id());
+    }
+
+    #[test]
+    fn a_ticket_of_a_newer_schema_is_refused_not_rewritten() {
+        let t = Ticket::new("GpuHung", "r", "2026-11-22T10:00:00Z".parse().unwrap());
+        let text = t.to_annotation("n1").unwrap();
+        assert!(Ticket::from_annotation("n1", &text).is_ok());
+        let newer = text.replace("schema: 2", "schema: 3");
+        assert_ne!(newer, text);
+        let err = Ticket::from_annotation("n1", &newer).unwrap_err().to_string();
+        assert!(err.contains("newer ark-healer"), "{err}");
     }
 
     #[test]
