@@ -82,9 +82,9 @@ async fn metrics_match_golden_and_pass_promtool() {
     // What the fixture is there to show.
     for needle in [
         "ark_blocked_by{resource=\"gpu-1\",error=\"error.hw\",node=\"golden\"} 1",
-        "ark_root_cause{job=\"train-a\",pod=\"trainer-a-0\",namespace=\"ml\",resource=\"gpu-1\",cause=\"error.hw\",node=\"golden\"} 1",
-        "ark_waits_on{pid=\"2000\",job=\"ckpt\",pod=\"\",namespace=\"\",resource=\"nvme0n1\",node=\"golden\"} 1",
-        "ark_scene_active{scene=\"hardware.gpu.xid_error\",entity=\"gpu-1\",job=\"\",severity=\"critical\",node=\"golden\"} 1",
+        "ark_root_cause{job_id=\"train-a\",pod=\"trainer-a-0\",namespace=\"ml\",resource=\"gpu-1\",cause=\"error.hw\",node=\"golden\"} 1",
+        "ark_waits_on{pid=\"2000\",job_id=\"ckpt\",pod=\"\",namespace=\"\",resource=\"nvme0n1\",node=\"golden\"} 1",
+        "ark_scene_active{scene=\"hardware.gpu.xid_error\",entity=\"gpu-1\",job_id=\"\",severity=\"critical\",node=\"golden\"} 1",
         "ark_scene_active{scene=\"network.tcp.retransmit_burst\"",
         "ark_events_dropped_total{reason=\"malformed_json\",node=\"golden\"} 2",
         "ark_events_dropped_total{reason=\"unknown_event_type\",node=\"golden\"} 1",

@@ -89,10 +89,10 @@ exec sleep 1000
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(
-        text.contains("ark_scene_active{scene=\"hardware.gpu.xid_error\",entity=\"gpu-0\",job=\"\",severity=\"critical\",node=\"n1\"} 1"),
+        text.contains("ark_scene_active{scene=\"hardware.gpu.xid_error\",entity=\"gpu-0\",job_id=\"\",severity=\"critical\",node=\"n1\"} 1"),
         "{text}"
     );
-    assert!(text.contains("ark_root_cause{job=\"train\",pod=\"\",namespace=\"\",resource=\"gpu-0\",cause=\"error.hw\",node=\"n1\"} 1"));
+    assert!(text.contains("ark_root_cause{job_id=\"train\",pod=\"\",namespace=\"\",resource=\"gpu-0\",cause=\"error.hw\",node=\"n1\"} 1"));
     assert!(
         text.contains("ark_events_total{event_type=\"error.hw\",source=\"probe\",node=\"n1\"} 1")
     );
