@@ -1507,6 +1507,53 @@ mod tests {
     }
 
     #[test]
+    fn per_key_state_is_bounded_in_bytes() {
+        // A joined rule with an event, a signal and a graph leaf: every new job is a new key.
+        let rules = [rule(
+            "b",
+            "join: entity\nconditions: [{type: event, event_type: transport.drop, count: 3}, {type: signal, signal: network.tcp.retransmit_rate_1m, op: gte, target: 0.5}, {type: graph, edge_type: waits_on}]",
+        )];
+        let max = 256 * 1024;
+        let (e, rejected) = Engine::new(
+            &rules,
+            EngineConfig {
+                max_bytes: max,
+                ..EngineConfig::default()
+            },
+        );
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let mut w = World::new(&[], GraphLimits::default());
+        w.e = e;
+        let long = "n".repeat(100);
+        for i in 0..5_000u32 {
+            let entity = format!("network-{i}-{long}");
+            w.feed(
+                i64::from(i),
+                EventType::TransportDrop,
+                &entity,
+                Some(i),
+                None,
+                "retransmit",
+            );
+            if i % 500 == 0 {
+                w.tick(i64::from(i));
+                assert!(w.e.state_bytes() <= max + 4096, "{}", w.e.state_bytes());
+            }
+        }
+        w.tick(5_000);
+        let measured = w.e.state_bytes();
+        assert!(measured <= max + 4096, "{measured} over {max}");
+        assert!(
+            measured > max / 2,
+            "the budget is used, not undercounted: {measured}"
+        );
+        assert!(
+            w.e.keys_dropped > 0,
+            "new keys beyond the budget are counted"
+        );
+    }
+
+    #[test]
     fn count_needs_that_many_in_the_window() {
         let mut w = World::new(
             &[rule(
