@@ -207,14 +207,23 @@ impl Graph {
         let now = self.now;
         let n = &mut self.nodes[idx as usize];
         n.last_type = Some(t);
-        match n.values.iter_mut().find(|(k, _)| *k == t) {
-            Some((_, v)) => v.set(value),
-            None => n.values.push((t, ShortStr::new(value))),
-        }
-        let heap: usize = n.values.iter().map(|(_, v)| v.heap_len()).sum();
-        let grew = heap > n.heap as usize;
-        n.heap = heap as u32;
-        if grew {
+        // Only a write that changes what is on the heap (or adds a slot) changes the charge: the
+        // common rewrite of a short value costs nothing extra.
+        let (old, new, pushed) = match n.values.iter_mut().find(|(k, _)| *k == t) {
+            Some((_, v)) => {
+                let old = v.heap_len();
+                v.set(value);
+                (old, v.heap_len(), false)
+            }
+            None => {
+                let v = ShortStr::new(value);
+                let new = v.heap_len();
+                n.values.push((t, v));
+                (0, new, true)
+            }
+        };
+        n.heap = (n.heap as usize + new - old) as u32;
+        if new > 0 {
             n.values_at = now;
             if !n.value_queued {
                 n.value_queued = true;
@@ -226,7 +235,9 @@ impl Graph {
                 });
             }
         }
-        self.recost(idx);
+        if pushed || new != old {
+            self.recost(idx);
+        }
         if self.track {
             self.changes.push(Change::NodeTouched { idx });
         }
