@@ -568,6 +568,7 @@ fn set_opt(slot: &mut Option<Box<str>>, v: Option<&str>) {
     }
 }
 
+mod evict;
 mod query;
 mod store;
 #[cfg(test)]
