@@ -25,6 +25,9 @@ pub enum BenchCommand {
     Rules(RulesArgs),
     /// JSON Lines parsing: lines/s.
     Parse(ParseArgs),
+    /// The hostile flood of issue 15 (entities × 12 event types, ~4 KiB values, 200-byte ids,
+    /// a pid each) parsed and applied on the live clock: peak RSS and what the budget shed.
+    Flood(FloodArgs),
     /// NVML collector: /metrics encode of GPUs × processes, poll cost, XID → /metrics latency.
     Nvml(crate::collectors::nvml::bench::NvmlBenchArgs),
     /// One full collection of every procfs/sysfs host collector: median/p90 ms.
@@ -81,6 +84,19 @@ pub struct RulesArgs {
     /// Events timed per size.
     #[arg(long, default_value_t = 200_000)]
     pub events: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct FloodArgs {
+    /// Distinct entities (each gets every event type, type by type).
+    #[arg(long, default_value_t = 20_000)]
+    pub entities: u64,
+    /// Graph byte budget (default: the exporter's default, 32 MiB).
+    #[arg(long)]
+    pub max_bytes: Option<usize>,
+    /// Rules directory applied as well (e.g. `rules`).
+    #[arg(long)]
+    pub rules: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -170,6 +186,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::ErrorFanout(a) => bench_fanout(a),
         BenchCommand::Rules(a) => bench_rules(a),
         BenchCommand::Parse(a) => bench_parse(a),
+        BenchCommand::Flood(a) => bench_flood(a),
         BenchCommand::Nvml(a) => crate::collectors::nvml::bench::run(a),
         BenchCommand::Host(a) => print(crate::collectors::host::bench(&a)),
     }
@@ -406,6 +423,66 @@ fn bench_parse(a: ParseArgs) -> anyhow::Result<()> {
         "lines_per_sec": (lines.len() as f64 / elapsed.as_secs_f64()).round(),
         "mb_per_sec": bytes as f64 / 1e6 / elapsed.as_secs_f64(),
         "avg_line_bytes": bytes / lines.len().max(1),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }))
+}
+
+fn bench_flood(a: FloodArgs) -> anyhow::Result<()> {
+    let mut cfg = PipelineConfig::default();
+    if let Some(b) = a.max_bytes {
+        cfg.graph.max_bytes = b;
+    }
+    let rules = match &a.rules {
+        Some(d) => Some(crate::rules::load_dir(d, false)?.rules),
+        None => None,
+    };
+    let t = Telemetry::new("bench")?;
+    let mut p = Pipeline::new(cfg, Clock::Wall, rules.as_deref(), t.dropped.clone());
+    let rss_before = peak_rss_bytes();
+    let pad = "x".repeat(190);
+    let value = "v".repeat(4000);
+    let types = EventType::ALL.map(EventType::as_str);
+    let mut line = String::with_capacity(8192);
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    for ty in types {
+        for e in 0..a.entities {
+            use std::fmt::Write as _;
+            line.clear();
+            let ts = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            write!(
+                line,
+                r#"{{"ts":{ts},"event_type":"{ty}","entity_id":"e{e:08}{pad}","job_id":"flood-{}","pid":{},"value":"{value}{e}"}}"#,
+                e % 64,
+                100_000 + e
+            )?;
+            p.handle_line(line.as_bytes(), "probe");
+            n += 1;
+            if n.is_multiple_of(4096) {
+                p.tick(None);
+            }
+        }
+    }
+    p.tick(None);
+    let secs = t0.elapsed().as_secs_f64();
+    let g = p.graph();
+    let ev = g.evictions();
+    print(json!({
+        "bench": "flood",
+        "events": n,
+        "entities": a.entities,
+        "seconds": secs,
+        "events_per_sec": n as f64 / secs,
+        "graph_bytes": g.bytes(),
+        "graph_max_bytes": g.limits().max_bytes,
+        "nodes": g.total_nodes(),
+        "edges": g.total_edges(),
+        "evictions": ev,
+        "strings_clipped": p.clipped(),
+        "engine_state_bytes": p.engine().map(crate::rules::Engine::state_bytes),
+        "peak_rss_before_bytes": rss_before,
         "peak_rss_bytes": peak_rss_bytes(),
     }))
 }

@@ -77,6 +77,8 @@ pub struct GraphSection {
     pub max_nodes: usize,
     pub max_edges: usize,
     pub qdepth_waits_on: f64,
+    /// Byte budget of the graph (see `GraphLimits::max_bytes`).
+    pub max_bytes: usize,
 }
 
 impl Default for GraphSection {
@@ -88,6 +90,7 @@ impl Default for GraphSection {
             max_nodes: d.max_nodes,
             max_edges: d.max_edges,
             qdepth_waits_on: d.qdepth_waits_on,
+            max_bytes: d.max_bytes,
         }
     }
 }
@@ -122,8 +125,6 @@ pub struct PipelineSection {
     pub max_past: DurationSpec,
     /// `clamp` (default) or `drop` events with out-of-range timestamps.
     pub timestamp_policy: TimestampPolicy,
-    /// RSS cap in bytes: above it the graph sheds its oldest quarter (0: off).
-    pub max_rss_bytes: u64,
     pub replay_max_gap: DurationSpec,
     pub series_budget: usize,
     pub walk_budget: usize,
@@ -140,7 +141,6 @@ impl Default for PipelineSection {
             max_future_skew: DurationSpec(d.max_future_ms),
             max_past: DurationSpec(d.max_past_ms),
             timestamp_policy: d.timestamp_policy,
-            max_rss_bytes: d.max_rss_bytes,
             replay_max_gap: DurationSpec(d.replay_max_gap_ms),
             series_budget: d.series_budget,
             walk_budget: d.walk_budget,
@@ -269,19 +269,21 @@ impl Config {
                 max_nodes: self.graph.max_nodes.max(1),
                 max_edges: self.graph.max_edges.max(1),
                 qdepth_waits_on: self.graph.qdepth_waits_on,
+                max_bytes: self.graph.max_bytes.max(64 * 1024),
             },
             engine: EngineConfig {
                 default_window_ms: self.rules.default_window.0,
                 max_keys: self.rules.max_keys,
+                ..EngineConfig::default()
             },
             max_future_ms: p.max_future_skew.0,
             replay_max_gap_ms: p.replay_max_gap.0,
             max_past_ms: p.max_past.0,
             timestamp_policy: p.timestamp_policy,
-            max_rss_bytes: p.max_rss_bytes,
             series_budget: p.series_budget,
             walk_budget: p.walk_budget,
             queue_capacity: p.queue_capacity,
+            queue_max_bytes: PipelineConfig::default().queue_max_bytes,
             publish_interval: ms(p.publish_interval),
             tick_interval: ms(p.tick_interval),
             log_interval: ms(p.log_interval),

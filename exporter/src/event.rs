@@ -260,6 +260,94 @@ pub fn parse_line(line: &[u8]) -> Result<Event, ParseError> {
     })
 }
 
+/// Longest id or label kept once accepted (`entity_id`, `job_id`, `node_id`, `pod`,
+/// `namespace`): what is longer is clipped (at a character boundary) and counted.
+pub const MAX_STORED_ID_BYTES: usize = 128;
+/// Longest `value` kept once accepted; longer values are clipped and counted.
+pub const MAX_STORED_VALUE_BYTES: usize = 256;
+/// The `field` label values of `ark_strings_clipped_total`, in [`ClipCounters`] order.
+pub const CLIP_FIELDS: [&str; 6] = [
+    "entity_id",
+    "job_id",
+    "node_id",
+    "pod",
+    "namespace",
+    "value",
+];
+
+/// The longest prefix of `s` within `max` bytes that ends on a character boundary.
+pub fn clip_str(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Strings clipped, per field of [`CLIP_FIELDS`]. Shared by the senders and the pipeline.
+#[derive(Debug, Default)]
+pub struct ClipCounters([std::sync::atomic::AtomicU64; 6]);
+
+impl ClipCounters {
+    /// Clips every string of `ev` to its stored bound, counting each field clipped. Strings that
+    /// are clipped are reallocated to their new length (a queued event holds only what it keeps).
+    pub fn clip(&self, ev: &mut Event) {
+        let one = |i: usize, s: &mut String, max: usize| {
+            if s.len() > max {
+                let n = clip_str(s, max).len();
+                s.truncate(n);
+                s.shrink_to_fit();
+                self.0[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
+        one(0, &mut ev.entity_id, MAX_STORED_ID_BYTES);
+        for (i, f) in [
+            (1, &mut ev.job_id),
+            (2, &mut ev.node_id),
+            (3, &mut ev.pod),
+            (4, &mut ev.namespace),
+        ] {
+            if let Some(s) = f {
+                one(i, s, MAX_STORED_ID_BYTES);
+            }
+        }
+        one(5, &mut ev.value, MAX_STORED_VALUE_BYTES);
+    }
+
+    /// Whether any string of `ev` is over its stored bound (no copy needed when not).
+    pub fn needs_clip(ev: &Event) -> bool {
+        let over = |s: &Option<String>| s.as_ref().is_some_and(|s| s.len() > MAX_STORED_ID_BYTES);
+        ev.entity_id.len() > MAX_STORED_ID_BYTES
+            || ev.value.len() > MAX_STORED_VALUE_BYTES
+            || over(&ev.job_id)
+            || over(&ev.node_id)
+            || over(&ev.pod)
+            || over(&ev.namespace)
+    }
+
+    /// Counts so far, in [`CLIP_FIELDS`] order.
+    pub fn get(&self) -> [u64; 6] {
+        std::array::from_fn(|i| self.0[i].load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// Bytes an event holds in memory (struct, box and string buffers): what the pipeline queue
+/// charges it.
+pub fn event_bytes(ev: &Event) -> usize {
+    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
+    std::mem::size_of::<Event>()
+        + 16
+        + ev.entity_id.capacity()
+        + ev.value.capacity()
+        + opt(&ev.job_id)
+        + opt(&ev.node_id)
+        + opt(&ev.pod)
+        + opt(&ev.namespace)
+}
+
 /// What [`LineReader::next_line`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Line<'a> {
@@ -474,5 +562,30 @@ mod tests {
         let mut r = LineReader::new(&input[..], 10);
         assert_eq!(r.next_line().unwrap(), Some(Line::Oversized));
         assert_eq!(r.next_line().unwrap(), None);
+    }
+
+    #[test]
+    fn stored_strings_are_clipped_at_a_char_boundary_and_counted() {
+        let c = ClipCounters::default();
+        let mut ev =
+            parse_line(br#"{"ts":1,"event_type":"compute.util","entity_id":"g","value":"1"}"#)
+                .unwrap();
+        ev.entity_id = "é".repeat(100); // 200 bytes, 2 per char
+        ev.value = "v".repeat(MAX_VALUE_BYTES);
+        ev.job_id = Some("short".into());
+        assert!(ClipCounters::needs_clip(&ev));
+        c.clip(&mut ev);
+        assert_eq!(ev.entity_id.len(), MAX_STORED_ID_BYTES);
+        assert_eq!(ev.entity_id, "é".repeat(64));
+        assert_eq!(ev.value.len(), MAX_STORED_VALUE_BYTES);
+        assert_eq!(
+            ev.value.capacity(),
+            MAX_STORED_VALUE_BYTES,
+            "reallocated, not just cut"
+        );
+        assert_eq!(ev.job_id.as_deref(), Some("short"));
+        assert_eq!(c.get(), [1, 0, 0, 0, 0, 1]);
+        assert!(!ClipCounters::needs_clip(&ev));
+        assert_eq!(clip_str("aé", 2), "a");
     }
 }

@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
     let cfg = EngineConfig {
         default_window_ms: 60_000,
         max_keys: 16,
+        ..EngineConfig::default()
     };
     let (mut engine, _rejected) = Engine::new(&set.rules, cfg);
     let mut graph = Graph::new(GraphLimits::default());

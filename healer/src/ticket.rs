@@ -468,12 +468,15 @@ workflows:
 
     #[test]
     fn a_ticket_of_a_newer_schema_is_refused_not_rewritten() {
-        let t = Ticket::new("GpuHung", "r", "2026-11-22T10:00:00Z".parse().unwrap());
+        let now: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
+        let t = Ticket::new("GpuHung", "r", "gpu-reset", None, now, None);
         let text = t.to_annotation("n1").unwrap();
         assert!(Ticket::from_annotation("n1", &text).is_ok());
         let newer = text.replace("schema: 2", "schema: 3");
         assert_ne!(newer, text);
-        let err = Ticket::from_annotation("n1", &newer).unwrap_err().to_string();
+        let err = Ticket::from_annotation("n1", &newer)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("newer ark-healer"), "{err}");
     }
 

@@ -26,6 +26,10 @@ pub struct EngineConfig {
     pub default_window_ms: i64,
     /// Most join keys tracked per condition and per rule.
     pub max_keys: usize,
+    /// Bytes of per-key state (join keys, hit times, buckets, matches, active scenes) the engine
+    /// may hold, by its own accounting ([`Engine::state_bytes`]); new keys beyond it are dropped
+    /// and counted in `keys_dropped`.
+    pub max_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -33,6 +37,7 @@ impl Default for EngineConfig {
         EngineConfig {
             default_window_ms: 900_000,
             max_keys: 10_000,
+            max_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -400,8 +405,11 @@ pub struct Engine {
     first_ts: Option<i64>,
     active: BTreeMap<(usize, Box<str>), ActiveInfo>,
     dirty: Vec<(usize, Option<Box<str>>)>,
-    /// Join keys not tracked because a cap was hit.
+    /// Join keys not tracked because a cap (count or bytes) was hit.
     pub keys_dropped: u64,
+    /// Bytes of per-key state by the engine's accounting: measured on every tick, estimated
+    /// upwards in between as keys are added.
+    state_bytes: usize,
     /// Rule evaluations done (for the bench and self-metrics).
     pub evaluations: u64,
 }
@@ -595,6 +603,7 @@ impl Engine {
             active: BTreeMap::new(),
             dirty: Vec::new(),
             keys_dropped: 0,
+            state_bytes: 0,
             evaluations: 0,
         };
         let mut rejected = Vec::new();
@@ -717,6 +726,7 @@ impl Engine {
         let now = graph.now();
         self.first_ts.get_or_insert(ev.ts.min(now));
         let max_keys = self.cfg.max_keys;
+        let max_bytes = self.cfg.max_bytes;
         // Key sightings for join rules (needed by negations: "absent for the window").
         for i in 0..self.join_rules_by_event[ev.event_type as usize].len() {
             let r = self.join_rules_by_event[ev.event_type as usize][i];
@@ -725,7 +735,8 @@ impl Engine {
             if let Some(k) = event_key(join, ev) {
                 if let Some(e) = rule.keys.get_mut(&k) {
                     e.1 = e.1.max(ev.ts);
-                } else if rule.keys.len() < max_keys {
+                } else if rule.keys.len() < max_keys && self.state_bytes < max_bytes {
+                    self.state_bytes += KEY_BYTES + k.len();
                     rule.keys.insert(k, (ev.ts, ev.ts));
                 } else {
                     self.keys_dropped += 1;
@@ -762,7 +773,8 @@ impl Engine {
                                 if let Some(h) = keyed.get_mut(&k) {
                                     h.record(ev, count);
                                     hit = Some(Some(k));
-                                } else if keyed.len() < max_keys {
+                                } else if keyed.len() < max_keys && self.state_bytes < max_bytes {
+                                    self.state_bytes += KEY_BYTES + k.len() + hits_bytes(count);
                                     keyed.entry(k.clone()).or_default().record(ev, count);
                                     hit = Some(Some(k));
                                 } else {
@@ -795,7 +807,8 @@ impl Engine {
                                 if let Some(b) = keyed.get_mut(&k) {
                                     b.add(ev.ts, x, window);
                                     hit = Some(Some(k));
-                                } else if keyed.len() < max_keys {
+                                } else if keyed.len() < max_keys && self.state_bytes < max_bytes {
+                                    self.state_bytes += KEY_BYTES + k.len() + buckets_bytes(window);
                                     keyed.entry(k.clone()).or_default().add(ev.ts, x, window);
                                     hit = Some(Some(k));
                                 } else {
@@ -837,6 +850,7 @@ impl Engine {
 
     fn on_change(&mut self, ch: Change, graph: &Graph) {
         let max_keys = self.cfg.max_keys;
+        let max_bytes = self.cfg.max_bytes;
         match ch {
             Change::EdgeAdded {
                 uid,
@@ -863,12 +877,16 @@ impl Engine {
                     {
                         let key = join.and_then(|j| edge_key(j, f, t));
                         if let Some(k) = &key {
-                            if !keyed.contains_key(k) && keyed.len() >= max_keys {
+                            if !keyed.contains_key(k)
+                                && (keyed.len() >= max_keys || self.state_bytes >= max_bytes)
+                            {
                                 self.keys_dropped += 1;
                                 continue;
                             }
+                            self.state_bytes += KEY_BYTES + k.len();
                             *keyed.entry(k.clone()).or_default() += 1;
                         }
+                        self.state_bytes += MATCH_BYTES;
                         matches.insert(uid, key.clone());
                         self.mark(rule, key);
                     }
@@ -907,12 +925,16 @@ impl Engine {
                         if ok && !had {
                             let key = join.and_then(|j| node_key(j, n));
                             if let Some(k) = &key {
-                                if !keyed.contains_key(k) && keyed.len() >= max_keys {
+                                if !keyed.contains_key(k)
+                                    && (keyed.len() >= max_keys || self.state_bytes >= max_bytes)
+                                {
                                     self.keys_dropped += 1;
                                     continue;
                                 }
+                                self.state_bytes += KEY_BYTES + k.len();
                                 *keyed.entry(k.clone()).or_default() += 1;
                             }
+                            self.state_bytes += MATCH_BYTES;
                             if let Some((_, Some(old))) =
                                 matches.insert(idx, (n.generation(), key.clone()))
                             {
@@ -1094,6 +1116,7 @@ impl Engine {
                 self.active.remove(&s);
             }
         }
+        self.state_bytes = self.measure();
     }
 
     /// Scenes that hold now, sorted by rule then entity.
@@ -1142,6 +1165,88 @@ impl Engine {
             .collect();
         out.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.rule_id.cmp(&b.rule_id)));
         out
+    }
+}
+
+/// Charge of one key in a map (hash-table entry, box header and slack), without its bytes.
+const KEY_BYTES: usize = 48;
+/// Charge of one matching edge or node of a graph/metric leaf.
+const MATCH_BYTES: usize = 48;
+/// Charge of one active scene, without its strings.
+const ACTIVE_BYTES: usize = 96;
+
+/// Upper estimate of a new [`Hits`]: `count` times and entity/job labels at their bound.
+fn hits_bytes(count: usize) -> usize {
+    std::mem::size_of::<Hits>() + count * 8 + 2 * crate::event::MAX_STORED_ID_BYTES
+}
+
+/// Upper estimate of new [`Buckets`] over `window` (one bucket per second, at most 4096).
+fn buckets_bytes(window: i64) -> usize {
+    let n = (window / 1000 + 2).clamp(1, 4096) as usize;
+    std::mem::size_of::<Buckets>() + n * std::mem::size_of::<(i64, u32, f64, u32)>()
+}
+
+fn keyed_bytes(keyed: &FxHashMap<Box<str>, u32>) -> usize {
+    keyed.keys().map(|k| KEY_BYTES + k.len()).sum()
+}
+
+impl Engine {
+    /// Bytes of per-key state by the engine's accounting (bounded by `max_bytes`).
+    pub fn state_bytes(&self) -> usize {
+        self.state_bytes
+    }
+
+    /// Measures what the per-key state holds now (done on every tick, O(keys)).
+    fn measure(&self) -> usize {
+        let key = |k: &str| KEY_BYTES + k.len();
+        let mut b: usize = self
+            .rules
+            .iter()
+            .flat_map(|r| r.keys.keys())
+            .map(|k| key(k))
+            .sum();
+        for c in &self.conds {
+            b += match &c.kind {
+                Kind::Event { keyed, .. } => keyed
+                    .iter()
+                    .map(|(k, h)| {
+                        key(k)
+                            + std::mem::size_of::<Hits>()
+                            + h.ts.capacity() * 8
+                            + h.entity.len()
+                            + h.job.as_deref().map_or(0, str::len)
+                    })
+                    .sum(),
+                Kind::Signal { keyed, .. } => keyed
+                    .iter()
+                    .map(|(k, bk)| {
+                        key(k)
+                            + std::mem::size_of::<Buckets>()
+                            + bk.0.capacity() * std::mem::size_of::<(i64, u32, f64, u32)>()
+                    })
+                    .sum(),
+                Kind::Graph { matches, keyed, .. } => {
+                    matches
+                        .values()
+                        .map(|k| MATCH_BYTES + k.as_deref().map_or(0, str::len))
+                        .sum::<usize>()
+                        + keyed_bytes(keyed)
+                }
+                Kind::Metric { matches, keyed, .. } => {
+                    matches
+                        .values()
+                        .map(|(_, k)| MATCH_BYTES + k.as_deref().map_or(0, str::len))
+                        .sum::<usize>()
+                        + keyed_bytes(keyed)
+                }
+                Kind::Any(_) | Kind::All(_) => 0,
+            };
+        }
+        b + self
+            .active
+            .iter()
+            .map(|((_, k), a)| ACTIVE_BYTES + k.len() + a.entity.len() + a.job.len())
+            .sum::<usize>()
     }
 }
 
@@ -1399,6 +1504,53 @@ mod tests {
             "90",
         );
         assert!(w.active().is_empty());
+    }
+
+    #[test]
+    fn per_key_state_is_bounded_in_bytes() {
+        // A joined rule with an event, a signal and a graph leaf: every new job is a new key.
+        let rules = [rule(
+            "b",
+            "join: entity\nconditions: [{type: event, event_type: transport.drop, count: 3}, {type: signal, signal: network.tcp.retransmit_rate_1m, op: gte, target: 0.5}, {type: graph, edge_type: waits_on}]",
+        )];
+        let max = 256 * 1024;
+        let (e, rejected) = Engine::new(
+            &rules,
+            EngineConfig {
+                max_bytes: max,
+                ..EngineConfig::default()
+            },
+        );
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let mut w = World::new(&[], GraphLimits::default());
+        w.e = e;
+        let long = "n".repeat(100);
+        for i in 0..5_000u32 {
+            let entity = format!("network-{i}-{long}");
+            w.feed(
+                i64::from(i),
+                EventType::TransportDrop,
+                &entity,
+                Some(i),
+                None,
+                "retransmit",
+            );
+            if i % 500 == 0 {
+                w.tick(i64::from(i));
+                assert!(w.e.state_bytes() <= max + 4096, "{}", w.e.state_bytes());
+            }
+        }
+        w.tick(5_000);
+        let measured = w.e.state_bytes();
+        assert!(measured <= max + 4096, "{measured} over {max}");
+        assert!(
+            measured > max / 2,
+            "the budget is used, not undercounted: {measured}"
+        );
+        assert!(
+            w.e.keys_dropped > 0,
+            "new keys beyond the budget are counted"
+        );
     }
 
     #[test]

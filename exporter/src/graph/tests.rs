@@ -1,0 +1,339 @@
+use super::*;
+
+fn ev(ts: i64, t: EventType, entity: &str, pid: Option<u32>, value: &str) -> Event {
+    Event {
+        ts,
+        event_type: t,
+        entity_id: entity.to_owned(),
+        job_id: pid.map(|p| format!("job-{}", p % 2)),
+        pid,
+        value: value.to_owned(),
+        node_id: None,
+        pod: None,
+        namespace: None,
+    }
+}
+
+#[test]
+fn consumes_waits_and_blocked_by() {
+    let mut g = Graph::new(GraphLimits::default());
+    g.track_changes(true);
+    g.ingest(&ev(1, EventType::ComputeUtil, "gpu-0", Some(7), "90"));
+    g.ingest(&ev(
+        2,
+        EventType::TransportDrop,
+        "network-eth0",
+        Some(7),
+        "retransmit",
+    ));
+    g.ingest(&ev(3, EventType::ErrorHw, "gpu-0", None, "XID 79"));
+    assert_eq!(g.node_count(NodeKind::Process), 1);
+    assert_eq!(g.node_count(NodeKind::Resource), 2);
+    assert_eq!(g.node_count(NodeKind::Error), 1);
+    assert_eq!(g.edge_count(EdgeKind::Consumes), 1);
+    assert_eq!(g.edge_count(EdgeKind::WaitsOn), 1);
+    assert_eq!(g.edge_count(EdgeKind::BlockedBy), 1);
+    let why = g.why(7).unwrap();
+    assert_eq!(why.len(), 1);
+    assert_eq!(why[0].resource, "gpu-0");
+    assert_eq!(why[0].cause, "error.hw");
+    assert_eq!(why[0].detail.as_deref(), Some("XID 79"));
+    assert_eq!(why[0].chain.len(), 2);
+    assert_eq!(why[0].chain[1].to, "error-gpu-0");
+    let changes: Vec<_> = g.drain_changes().collect();
+    assert_eq!(
+        changes
+            .iter()
+            .filter(|c| matches!(c, Change::EdgeAdded { .. }))
+            .count(),
+        3
+    );
+    assert!(g.why(8).is_none());
+}
+
+#[test]
+fn waits_on_is_the_cause_without_errors_and_refresh_does_not_duplicate() {
+    let mut g = Graph::new(GraphLimits::default());
+    for ts in 0..100 {
+        g.ingest(&ev(
+            ts,
+            EventType::TransportDrop,
+            "network-eth0",
+            Some(1),
+            "drop",
+        ));
+    }
+    assert_eq!(g.total_edges(), 1);
+    let why = g.why(1).unwrap();
+    assert_eq!(why[0].cause, "waits_on");
+    assert_eq!(why[0].resource, "network-eth0");
+    let x = g.export(100, 1000);
+    assert_eq!(x.waits_on.len(), 1);
+    assert_eq!(x.root_cause[0][4], "waits_on");
+}
+
+#[test]
+fn root_cause_at_any_depth() {
+    // pid-1 waits on pid-2 which consumes gpu-3, which has an error.
+    let mut g = Graph::new(GraphLimits::default());
+    g.ingest(&ev(1, EventType::ProcessState, "pid-2", Some(1), "D"));
+    g.ingest(&ev(2, EventType::ComputeUtil, "gpu-3", Some(2), "1"));
+    g.ingest(&ev(3, EventType::ErrorNet, "gpu-3", None, "link flap"));
+    let why = g.why(1).unwrap();
+    assert_eq!(why.len(), 1);
+    assert_eq!(why[0].chain.len(), 3);
+    assert_eq!(why[0].resource, "gpu-3");
+    let x = g.export(100, 1000);
+    // Both processes are reported as blocked by the same error.
+    assert_eq!(x.root_cause.len(), 2, "{:?}", x.root_cause);
+    assert_eq!(
+        x.blocked_by,
+        vec![["gpu-3".to_owned(), "error.net".to_owned()]]
+    );
+}
+
+#[test]
+fn error_is_one_edge_however_many_consumers() {
+    let mut g = Graph::new(GraphLimits::default());
+    for pid in 0..5000 {
+        g.ingest(&ev(1, EventType::ComputeUtil, "gpu-0", Some(pid), "1"));
+    }
+    let before = g.total_edges();
+    g.ingest(&ev(2, EventType::ErrorHw, "gpu-0", None, "ECC"));
+    assert_eq!(g.total_edges(), before + 1);
+    assert_eq!(g.why(4999).unwrap()[0].cause, "error.hw");
+    // Clearing the error removes the edge.
+    g.ingest(&ev(3, EventType::ErrorHw, "gpu-0", None, "cleared"));
+    assert_eq!(g.total_edges(), before);
+    assert!(g.why(4999).unwrap().is_empty());
+}
+
+#[test]
+fn ttl_expires_and_refresh_keeps_alive() {
+    let limits = GraphLimits {
+        ttl_ms: 100,
+        error_ttl_ms: 200,
+        ..GraphLimits::default()
+    };
+    let mut g = Graph::new(limits);
+    g.ingest(&ev(0, EventType::ComputeUtil, "gpu-0", Some(1), "1"));
+    g.ingest(&ev(0, EventType::ComputeUtil, "gpu-1", Some(2), "1"));
+    g.ingest(&ev(0, EventType::ErrorHw, "gpu-9", None, "x"));
+    for ts in (10..=150).step_by(10) {
+        g.ingest(&ev(ts, EventType::ComputeUtil, "gpu-0", Some(1), "1"));
+    }
+    assert!(g.process(1).is_some());
+    assert!(g.process(2).is_none(), "pid 2 not refreshed, expired");
+    assert!(g.resource("gpu-1").is_none());
+    assert_eq!(g.node_count(NodeKind::Error), 1);
+    g.advance(1000);
+    assert_eq!(g.total_nodes(), 0);
+    assert_eq!(g.total_edges(), 0);
+    assert!(g.evictions().nodes_ttl >= 5);
+}
+
+#[test]
+fn caps_bound_the_graph_and_evict_oldest() {
+    let limits = GraphLimits {
+        max_nodes: 100,
+        max_edges: 60,
+        ..GraphLimits::default()
+    };
+    let mut g = Graph::new(limits);
+    for pid in 0..10_000u32 {
+        g.ingest(&ev(
+            i64::from(pid),
+            EventType::ComputeUtil,
+            "gpu-0",
+            Some(pid),
+            "1",
+        ));
+        assert!(g.total_nodes() <= 100);
+        assert!(g.total_edges() <= 60);
+    }
+    assert!(g.process(9_999).is_some());
+    assert!(g.process(0).is_none());
+    let ev_ = g.evictions();
+    assert!(ev_.nodes_cap > 9_000 && ev_.edges_cap > 0);
+}
+
+#[test]
+fn eviction_spares_what_the_current_event_touches() {
+    let limits = GraphLimits {
+        max_nodes: 10,
+        ..GraphLimits::default()
+    };
+    let mut g = Graph::new(limits);
+    // Fill the graph, refreshing everything so that every entry has had its second chance.
+    for round in 0..3 {
+        for pid in 0..9u32 {
+            g.ingest(&ev(
+                round * 10 + i64::from(pid),
+                EventType::ComputeUtil,
+                "gpu-0",
+                Some(pid),
+                "1",
+            ));
+        }
+    }
+    // A new pid and a new resource in one event: both must exist afterwards.
+    g.ingest(&ev(100, EventType::ComputeUtil, "gpu-new", Some(500), "1"));
+    assert!(g.process(500).is_some());
+    assert!(g.resource("gpu-new").is_some());
+    assert_eq!(
+        g.edge_seen(
+            g.process(500).unwrap().idx(),
+            g.resource("gpu-new").unwrap().idx(),
+            EdgeKind::Consumes
+        )
+        .map(|s| s.0),
+        Some(100)
+    );
+    assert!(g.total_nodes() <= 10);
+    // Every node seen at the same instant: the loop still terminates and the cap holds.
+    let mut g = Graph::new(GraphLimits {
+        max_nodes: 5,
+        ..GraphLimits::default()
+    });
+    for pid in 0..50u32 {
+        g.ingest(&ev(7, EventType::ComputeUtil, "gpu-0", Some(pid), "1"));
+    }
+    assert!(g.total_nodes() <= 5);
+}
+
+#[test]
+fn process_exit_removes_it_and_its_edges() {
+    let mut g = Graph::new(GraphLimits::default());
+    g.ingest(&ev(1, EventType::ComputeUtil, "gpu-0", Some(5), "1"));
+    g.ingest(&ev(2, EventType::ProcessState, "gpu-0", Some(5), "D"));
+    assert_eq!(g.edge_count(EdgeKind::WaitsOn), 1);
+    g.ingest(&ev(3, EventType::ProcessState, "gpu-0", Some(5), "R"));
+    assert_eq!(g.edge_count(EdgeKind::WaitsOn), 0);
+    g.ingest(&ev(4, EventType::ProcessState, "gpu-0", Some(5), "exited"));
+    assert!(g.process(5).is_none());
+    assert_eq!(g.total_edges(), 0);
+    // pid reuse gets a fresh node.
+    g.ingest(&ev(5, EventType::ComputeUtil, "gpu-0", Some(5), "1"));
+    assert_eq!(g.process(5).unwrap().first_seen(), 5);
+}
+
+#[test]
+fn export_respects_the_series_budget() {
+    let mut g = Graph::new(GraphLimits::default());
+    for pid in 0..50 {
+        g.ingest(&ev(
+            1,
+            EventType::TransportDrop,
+            "network-eth0",
+            Some(pid),
+            "drop",
+        ));
+    }
+    let x = g.export(10, 1000);
+    assert_eq!(x.waits_on.len(), 10);
+    assert_eq!(x.cut[0], 40);
+    assert!(x.root_cause.is_empty());
+    assert_eq!(x.cut[2], 2, "two jobs of root causes were cut");
+}
+
+#[test]
+fn metadata_is_exposed_for_metric_conditions() {
+    let mut g = Graph::new(GraphLimits::default());
+    g.ingest(&ev(
+        1,
+        EventType::ComputeMem,
+        "gpu-0",
+        Some(3),
+        "a-very-long-value-that-does-not-fit-inline",
+    ));
+    g.ingest(&ev(2, EventType::ComputeUtil, "gpu-0", Some(3), "42"));
+    let r = g.resource("gpu-0").unwrap();
+    assert_eq!(r.meta("compute.util").as_deref(), Some("42"));
+    assert_eq!(r.meta("value").as_deref(), Some("42"));
+    assert_eq!(
+        r.meta("compute.mem").as_deref(),
+        Some("a-very-long-value-that-does-not-fit-inline")
+    );
+    assert_eq!(r.meta("missing"), None);
+    let p = g.process(3).unwrap();
+    assert_eq!(p.meta("job_id").as_deref(), Some("job-1"));
+    assert_eq!(p.meta("pid").as_deref(), Some("3"));
+}
+
+/// What the graph should be charged, recounted from scratch.
+fn recount(g: &Graph) -> usize {
+    let nodes: usize = g.nodes.iter().filter(|n| n.alive).map(node_cost).sum();
+    nodes + g.total_edges() * EDGE_BASE
+}
+
+#[test]
+fn byte_budget_sheds_values_then_the_least_recently_seen_and_fresh_edges_survive() {
+    let max = 2 * 1024 * 1024;
+    let mut g = Graph::new(GraphLimits {
+        max_bytes: max,
+        ..GraphLimits::default()
+    });
+    g.track_changes(true);
+    let big = "v".repeat(256);
+    let pad = "x".repeat(100);
+    for i in 0..20_000u32 {
+        let ts = i64::from(i);
+        for t in [
+            EventType::ComputeUtil,
+            EventType::ComputeMem,
+            EventType::StorageIops,
+            EventType::ErrorHw,
+        ] {
+            let entity = format!("flood-{i}-{pad}");
+            g.ingest(&ev(ts, t, &entity, Some(100_000 + i), &big));
+        }
+        if i % 10 == 0 {
+            g.ingest(&ev(
+                ts,
+                EventType::TransportDrop,
+                "network-eth0",
+                Some(1),
+                "drop",
+            ));
+        }
+        assert!(g.bytes() <= max, "{} over {max}", g.bytes());
+        assert!(g.process(1).is_some(), "the honest process survives at {i}");
+        g.drain_changes();
+    }
+    assert_eq!(g.bytes(), recount(&g), "the accounting matches a recount");
+    assert_eq!(
+        g.edge_count(EdgeKind::WaitsOn),
+        1,
+        "the honest edge survives"
+    );
+    let e = g.evictions();
+    assert!(e.values_bytes > 0 && e.nodes_bytes > 0, "{e:?}");
+    // The freshest flood entity is whole: values of the current event are spared.
+    let last = g.resource(&format!("flood-19999-{pad}")).unwrap();
+    assert_eq!(last.meta("error.hw").as_deref(), Some(big.as_str()));
+    // Everything expires: nothing is left charged.
+    g.advance(i64::MAX / 2);
+    assert_eq!(g.total_nodes(), 0);
+    assert_eq!(g.bytes(), 0);
+}
+
+#[test]
+fn accounting_follows_meta_and_removal() {
+    let mut g = Graph::new(GraphLimits::default());
+    let mut e = ev(1, EventType::ComputeMem, "gpu-0", Some(3), &"m".repeat(200));
+    e.pod = Some("p".repeat(300));
+    g.ingest(&e);
+    assert_eq!(
+        g.process(3).unwrap().pod().map(str::len),
+        Some(128),
+        "clipped"
+    );
+    g.ingest(&ev(2, EventType::ComputeMem, "gpu-0", Some(3), "short"));
+    assert_eq!(g.bytes(), recount(&g));
+    g.annotate_process(3, Some("pod-a"), Some("ns"));
+    assert_eq!(g.bytes(), recount(&g));
+    g.ingest(&ev(3, EventType::ProcessState, "gpu-0", Some(3), "exited"));
+    assert_eq!(g.bytes(), recount(&g));
+    g.advance(10_000_000);
+    assert_eq!(g.bytes(), 0);
+}
