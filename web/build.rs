@@ -17,16 +17,25 @@ fn main() {
         .filter(|r| !r.is_empty())
         .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
         .unwrap_or_else(|| "unknown".to_owned());
-    // Rebuild when HEAD moves (a commit, a checkout).
-    for p in ["HEAD", "packed-refs"] {
-        if let Some(path) = git(&["rev-parse", "--path-format=absolute", "--git-path", p]) {
-            println!("cargo:rerun-if-changed={path}");
-        }
+    // Rebuild when HEAD moves (a commit, a checkout). Only files that exist: cargo reruns a build
+    // script on every build while one of its rerun-if-changed paths is missing (packed-refs
+    // usually is), which rebuilt both binaries on every cargo command.
+    let mut watch: Vec<String> = ["HEAD", "packed-refs"]
+        .iter()
+        .filter_map(|p| git(&["rev-parse", "--path-format=absolute", "--git-path", p]))
+        .collect();
+    if let Some(head) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        watch.extend(git(&[
+            "rev-parse",
+            "--path-format=absolute",
+            "--git-path",
+            &head,
+        ]));
     }
-    if let Some(head) = git(&["symbolic-ref", "-q", "HEAD"])
-        && let Some(path) = git(&["rev-parse", "--path-format=absolute", "--git-path", &head])
-    {
+    for path in watch.iter().filter(|p| std::path::Path::new(p).exists()) {
         println!("cargo:rerun-if-changed={path}");
     }
+    // Without any watched file (no git), the revision cannot change between builds.
+    println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rustc-env=ARK_REVISION={revision}");
 }

@@ -279,6 +279,9 @@ fn load_rules(dir: &Path, strict: bool) -> anyhow::Result<RuleSet> {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log);
     let mut cfg = Config::load(args.config.as_deref())?;
+    for d in cfg.deprecations() {
+        tracing::warn!("{d}");
+    }
     cfg.probes
         .extend(args.probes.iter().cloned().map(ProbeSpec::Path));
     if args.rules.is_some() {

@@ -131,6 +131,10 @@ pub struct PipelineSection {
     pub publish_interval: DurationSpec,
     pub tick_interval: DurationSpec,
     pub log_interval: DurationSpec,
+    /// Deprecated and ignored (the RSS shedder is gone; `[graph] max_bytes` bounds the graph):
+    /// still accepted so that an older configuration keeps loading (CHANGELOG.md, "Upgrade and
+    /// rollback policy"); [`Config::deprecations`] says so.
+    pub max_rss_bytes: Option<u64>,
 }
 
 impl Default for PipelineSection {
@@ -147,6 +151,7 @@ impl Default for PipelineSection {
             publish_interval: DurationSpec(d.publish_interval.as_millis() as i64),
             tick_interval: DurationSpec(d.tick_interval.as_millis() as i64),
             log_interval: DurationSpec(d.log_interval.as_millis() as i64),
+            max_rss_bytes: None,
         }
     }
 }
@@ -254,6 +259,20 @@ impl Config {
         })
     }
 
+    /// Keys this configuration sets that this release accepts but ignores, with what replaces
+    /// them: logged at start-up as warnings.
+    pub fn deprecations(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.pipeline.max_rss_bytes.is_some() {
+            out.push(
+                "[pipeline] max_rss_bytes is deprecated and ignored: the graph is bounded by \
+                 [graph] max_bytes"
+                    .to_owned(),
+            );
+        }
+        out
+    }
+
     /// How often a repeating warning is logged at most (`[pipeline] log_interval`).
     pub fn log_interval(&self) -> Duration {
         ms(self.pipeline.log_interval)
@@ -294,6 +313,16 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deprecated_key_still_loads_and_is_reported() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("ark.toml");
+        std::fs::write(&f, "[pipeline]\nmax_rss_bytes = 268435456\n").unwrap();
+        let c = Config::load(Some(&f)).unwrap();
+        assert_eq!(c.deprecations().len(), 1, "{:?}", c.deprecations());
+        assert!(Config::load(None).unwrap().deprecations().is_empty());
+    }
 
     #[test]
     fn defaults_file_and_unknown_keys() {

@@ -93,6 +93,18 @@ fn kubectl() -> Result<PathBuf> {
     Ok(ark_harness::kube_bin_dir()?.join("kubectl"))
 }
 
+/// `kubectl apply --dry-run=server -f -` of `objects` with the 1.20 kubectl against the cluster
+/// of `kubeconfig` (in `namespace` when given): kubectl's output, or its failure.
+fn dry_run_apply(kubeconfig: &Path, namespace: Option<&str>, objects: &str) -> Result<String> {
+    let kc = format!("--kubeconfig={}", kubeconfig.display());
+    let mut args = vec![kc.as_str()];
+    if let Some(ns) = namespace {
+        args.extend(["-n", ns]);
+    }
+    args.extend(["apply", "--dry-run=server", "-f", "-"]);
+    run(&kubectl()?, &args, Some(objects))
+}
+
 /// Today's kubectl, whose kustomize (v5) is what users render with: `ARK_KUBECTL`, else
 /// `/usr/bin/kubectl` (preinstalled on the machine image, shared/REAL-SERVICES.md).
 fn current_kubectl() -> Result<PathBuf> {
@@ -315,17 +327,7 @@ async fn base_is_accepted_by_a_real_apiserver() -> Result<()> {
     // Server-side dry run needs the namespace to exist; everything else is only validated.
     kube.kubectl(&["create", "namespace", "ark-system"])?;
     let kubeconfig = kube.kubeconfig("admin");
-    let out = run(
-        &kubectl()?,
-        &[
-            &format!("--kubeconfig={}", kubeconfig.display()),
-            "apply",
-            "--dry-run=server",
-            "-f",
-            "-",
-        ],
-        Some(&rendered),
-    )?;
+    let out = dry_run_apply(&kubeconfig, None, &rendered)?;
     assert!(
         out.contains("daemonset.apps/ark-exporter created (server dry run)"),
         "{out}"
@@ -336,18 +338,8 @@ async fn base_is_accepted_by_a_real_apiserver() -> Result<()> {
     );
     // The server really validated it: a broken copy is refused.
     let broken = rendered.replacen("hostPID: true", "hostPID: maybe", 1);
-    let err = run(
-        &kubectl()?,
-        &[
-            &format!("--kubeconfig={}", kubeconfig.display()),
-            "apply",
-            "--dry-run=server",
-            "-f",
-            "-",
-        ],
-        Some(&broken),
-    )
-    .expect_err("a non-boolean hostPID must be refused");
+    let err = dry_run_apply(&kubeconfig, None, &broken)
+        .expect_err("a non-boolean hostPID must be refused");
     assert!(err.to_string().to_lowercase().contains("hostpid"), "{err}");
     Ok(())
 }
@@ -423,17 +415,7 @@ async fn the_default_install_observes_only_and_the_act_overlay_remediates() -> R
     let kube = KubeCluster::start().await?;
     kube.kubectl(&["create", "namespace", "ark-system"])?;
     let kubeconfig = kube.kubeconfig("admin");
-    let out = run(
-        &kubectl()?,
-        &[
-            &format!("--kubeconfig={}", kubeconfig.display()),
-            "apply",
-            "--dry-run=server",
-            "-f",
-            "-",
-        ],
-        Some(&act_text),
-    )?;
+    let out = dry_run_apply(&kubeconfig, None, &act_text)?;
     assert!(
         out.contains("deployment.apps/ark-healer created (server dry run)"),
         "{out}"
@@ -455,19 +437,7 @@ async fn the_default_install_observes_only_and_the_act_overlay_remediates() -> R
         }
     }
     kube.kubectl(&["create", "namespace", "monitoring"])?;
-    let out = run(
-        &kubectl()?,
-        &[
-            &format!("--kubeconfig={}", kubeconfig.display()),
-            "-n",
-            "monitoring",
-            "apply",
-            "--dry-run=server",
-            "-f",
-            "-",
-        ],
-        Some(&dashboards_text),
-    )?;
+    let out = dry_run_apply(&kubeconfig, Some("monitoring"), &dashboards_text)?;
     assert!(
         out.contains("configmap/ark-dashboards created (server dry run)"),
         "{out}"

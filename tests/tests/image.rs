@@ -85,7 +85,22 @@ fn in_image(rootfs: &Path, user: (u64, u64), binds: &[(&str, &str)], argv: &[Str
     }
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--fork", "--kill-child", "sh", "-c", &script]);
+    // Its own process group, which [`Group`] kills: `--kill-child` alone does not reach a
+    // child that changed its user (the kernel clears the parent-death signal on setuid).
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd
+}
+
+/// Kills the whole process group of a service started by [`in_image`] when dropped (declare it
+/// after the [`Service`], so it runs first).
+struct Group(u32);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0)])
+            .status();
+    }
 }
 
 fn entrypoint_and_user(config: &Value) -> Result<(Vec<String>, (u64, u64))> {
@@ -239,6 +254,7 @@ async fn each_image_runs_its_binary_from_its_own_root_filesystem() -> Result<()>
         &argv,
     );
     let exporter = Service::spawn("image-exporter", &mut cmd, &dir.path().join("exporter.log"))?;
+    let exporter_group = Group(exporter.pid());
     let (_, metrics) = serving(&exporter, port).await?;
     // The host collectors read the real /proc and /sys through the image's mounts.
     for want in [
@@ -262,6 +278,7 @@ async fn each_image_runs_its_binary_from_its_own_root_filesystem() -> Result<()>
             );
         }
     }
+    drop(exporter_group);
     drop(exporter);
 
     // The healer, as deploy/healer/deployment.yaml runs it: uid 65532, config and token mounted
@@ -307,6 +324,7 @@ async fn each_image_runs_its_binary_from_its_own_root_filesystem() -> Result<()>
     cmd.env("KUBECONFIG", "/etc/ark-healer/no-such-kubeconfig")
         .env_remove("KUBERNETES_SERVICE_HOST");
     let healer = Service::spawn("image-healer", &mut cmd, &dir.path().join("healer.log"))?;
+    let _healer_group = Group(healer.pid());
     let (_, metrics) = serving(&healer, port).await?;
     if !metrics.contains("ark_healer_") {
         bail!("healer /metrics from the image has no ark_healer_ series:\n{metrics}");

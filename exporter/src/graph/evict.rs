@@ -197,25 +197,12 @@ impl Graph {
     /// Evicts the least recently seen node (second-chance FIFO). False when nothing is left.
     pub(super) fn evict_one_node(&mut self) -> bool {
         for class in 0..2 {
-            // Entries seen at the current time (e.g. created by the event being applied) get a
-            // reprieve while older candidates exist; `spins` bounds the loop when none do.
-            let mut spins = self.node_queues[class].len();
-            while let Some(q) = self.node_queues[class].pop_front() {
-                let n = &self.nodes[q.idx as usize];
-                if !n.alive || n.generation != q.generation {
-                    continue;
-                }
-                let current = n.last_seen >= self.now && spins > 0;
-                if n.last_seen > q.at || current {
-                    // Only reprieves of current entries spend `spins`: a stale entry is
-                    // requeued at its last sighting once, so it cannot loop.
-                    if n.last_seen <= q.at {
-                        spins = spins.saturating_sub(1);
-                    }
-                    let at = n.last_seen;
-                    self.node_queues[class].push_back(QEntry { at, ..q });
-                    continue;
-                }
+            let nodes = &self.nodes;
+            let oldest = pop_least_recent(&mut self.node_queues[class], self.now, |q| {
+                let n = &nodes[q.idx as usize];
+                (n.alive && n.generation == q.generation).then_some(n.last_seen)
+            });
+            if let Some(q) = oldest {
                 self.remove_node(q.idx);
                 return true;
             }
@@ -225,29 +212,42 @@ impl Graph {
 
     pub(super) fn evict_one_edge(&mut self) -> bool {
         for class in 0..2 {
-            // Entries seen at the current time (e.g. created by the event being applied) get a
-            // reprieve while older candidates exist; `spins` bounds the loop when none do.
-            let mut spins = self.edge_queues[class].len();
-            while let Some(q) = self.edge_queues[class].pop_front() {
-                let e = &self.edges[q.idx as usize];
-                if !e.alive || e.uid as u32 != q.generation {
-                    continue;
-                }
-                let current = e.last_seen >= self.now && spins > 0;
-                if e.last_seen > q.at || current {
-                    // Only reprieves of current entries spend `spins`: a stale entry is
-                    // requeued at its last sighting once, so it cannot loop.
-                    if e.last_seen <= q.at {
-                        spins = spins.saturating_sub(1);
-                    }
-                    let at = e.last_seen;
-                    self.edge_queues[class].push_back(QEntry { at, ..q });
-                    continue;
-                }
+            let edges = &self.edges;
+            let oldest = pop_least_recent(&mut self.edge_queues[class], self.now, |q| {
+                let e = &edges[q.idx as usize];
+                (e.alive && e.uid as u32 == q.generation).then_some(e.last_seen)
+            });
+            if let Some(q) = oldest {
                 self.remove_edge(q.idx);
                 return true;
             }
         }
         false
     }
+}
+
+/// The entry of `queue` seen least recently, taken out of it (second-chance FIFO).
+/// `last_seen` is `None` for a stale entry (its node or edge is gone), else when it was last
+/// seen. Entries seen at `now` (e.g. created by the event being applied) get a reprieve while
+/// older candidates exist; `spins` bounds the loop when none do. Only reprieves of current
+/// entries spend `spins`: a stale entry is requeued at its last sighting once, so it cannot loop.
+fn pop_least_recent(
+    queue: &mut std::collections::VecDeque<QEntry>,
+    now: i64,
+    last_seen: impl Fn(&QEntry) -> Option<i64>,
+) -> Option<QEntry> {
+    let mut spins = queue.len();
+    while let Some(q) = queue.pop_front() {
+        let Some(seen) = last_seen(&q) else { continue };
+        let current = seen >= now && spins > 0;
+        if seen > q.at || current {
+            if seen <= q.at {
+                spins = spins.saturating_sub(1);
+            }
+            queue.push_back(QEntry { at: seen, ..q });
+            continue;
+        }
+        return Some(q);
+    }
+    None
 }
