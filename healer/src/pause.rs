@@ -42,17 +42,9 @@ impl Pause {
         Pause {
             by,
             at: now.to_string(),
-            reason: clip(reason, MAX_REASON_BYTES),
+            reason: crate::alerts::clip::clipped_str(reason, MAX_REASON_BYTES).to_owned(),
         }
     }
-}
-
-fn clip(s: &str, max: usize) -> String {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
 }
 
 /// The pause a Lease carries. An annotation that is not a [`Pause`] still pauses (someone meant

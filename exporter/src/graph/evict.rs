@@ -90,12 +90,7 @@ impl Graph {
 
     pub(super) fn expire_slow(&mut self) {
         for class in 0..2 {
-            let ttl = if class == 0 {
-                self.limits.ttl_ms
-            } else {
-                self.limits.error_ttl_ms
-            };
-            let deadline = self.now.saturating_sub(ttl.max(1));
+            let deadline = self.now.saturating_sub(self.ttl_of(class));
             while let Some(&q) = self.edge_queues[class].front() {
                 if q.at > deadline {
                     break;
@@ -115,12 +110,7 @@ impl Graph {
             }
         }
         for class in 0..2 {
-            let ttl = if class == 0 {
-                self.limits.ttl_ms
-            } else {
-                self.limits.error_ttl_ms
-            };
-            let deadline = self.now.saturating_sub(ttl.max(1));
+            let deadline = self.now.saturating_sub(self.ttl_of(class));
             while let Some(&q) = self.node_queues[class].front() {
                 if q.at > deadline {
                     break;
