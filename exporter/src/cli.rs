@@ -321,10 +321,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let gpus = crate::gpu_map::GpuMap::default();
         for kind in &kinds {
             let c = kind.build(&cfg)?;
             let ctx = CollectorContext::new(*kind, &running.sender, &telemetry, stop_rx.clone())
-                .with_pods(pods.clone());
+                .with_pods(pods.clone())
+                .with_gpus(gpus.clone());
             tokio::spawn(c.run(ctx));
             tracing::info!(collector = kind.name(), "Collector started");
         }

@@ -9,6 +9,7 @@
 //! - [`pipeline`]: the single writer that owns graph and engine, and the handles to reach it;
 //! - [`collectors`]: event sources (`probe`, the procfs/sysfs host collectors, `pods`; eBPF
 //!   and NVML plug in the same way);
+//! - [`gpu_map`]: PCI bus id → GPU index, shared by the collectors;
 //! - [`pods`]: pod attribution (cgroup → pod UID → namespace/name/container; cgroup id → pod);
 //! - [`metrics`]: explicit registry, snapshot publishing, self-metrics;
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`, `/api/v1/why/{pid}`;
@@ -21,6 +22,7 @@ pub mod config;
 mod error;
 pub mod event;
 pub mod gpu_faults;
+pub mod gpu_map;
 pub mod graph;
 pub mod http;
 pub mod metrics;

@@ -34,6 +34,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use crate::config::Config;
+use crate::gpu_map::GpuMap;
 use crate::metrics::{CollectorStatus, Telemetry};
 use crate::pipeline::EventSender;
 use crate::pods::PodResolver;
@@ -154,6 +155,9 @@ pub struct CollectorContext {
     /// Pod attribution shared by all collectors (see [`crate::pods`]); `serve` installs one
     /// resolver for all of them with [`CollectorContext::with_pods`].
     pub pods: PodResolver,
+    /// PCI bus id → GPU index, one map for all collectors: NVML fills it, the kernel log reads
+    /// it; `serve` installs the shared one with [`CollectorContext::with_gpus`].
+    pub gpus: GpuMap,
 }
 
 impl CollectorContext {
@@ -170,12 +174,19 @@ impl CollectorContext {
             status: telemetry.collector(kind.name()),
             shutdown,
             pods: PodResolver::new(std::path::Path::new("/sys")),
+            gpus: GpuMap::default(),
         }
     }
 
     /// Uses `pods` (shared with the other collectors) for attribution.
     pub fn with_pods(mut self, pods: PodResolver) -> Self {
         self.pods = pods;
+        self
+    }
+
+    /// Uses `gpus` (shared with the other collectors) for bus id → index.
+    pub fn with_gpus(mut self, gpus: GpuMap) -> Self {
+        self.gpus = gpus;
         self
     }
 }
