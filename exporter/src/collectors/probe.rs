@@ -1,7 +1,8 @@
 //! The `probe` collector: runs external executables that print Ark events (JSON Lines) on
 //! stdout. stderr goes to our log (rate-limited). A probe that exits is restarted with
-//! exponential backoff; malformed lines are counted and dropped; a probe that floods only ever
-//! fills the bounded pipeline queue (drops are counted), one that hangs costs nothing.
+//! exponential backoff; malformed lines are counted and dropped; a probe that floods
+//! only ever fills its share of the bounded pipeline queue (its drops are counted; every probe has
+//! a lane of its own, so the others still get through), one that hangs costs nothing.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -65,7 +66,9 @@ impl Collector for ProbeCollector {
             ctx.status.set_up(total == 0);
             let mut tasks = Vec::new();
             for spec in self.probes {
-                let ctx = ctx.clone();
+                // A lane of its own per probe: one that floods cannot crowd the others out.
+                let mut ctx = ctx.clone();
+                ctx.events = ctx.events.new_lane();
                 let running = running.clone();
                 let backoff = self.backoff;
                 let log_interval = self.log_interval;

@@ -184,13 +184,17 @@ impl Graph {
         }
     }
 
-    /// Evicts the least recently seen node (second-chance FIFO). False when nothing is left.
+    /// Evicts the least recently seen node (second-chance FIFO); when one producer holds more
+    /// than half of the nodes, the least recently seen of ITS nodes (the others get a reprieve).
+    /// False when nothing is left.
     pub(super) fn evict_one_node(&mut self) -> bool {
+        let dominant = self.owners.dominant(self.total_nodes());
         for class in 0..2 {
             let nodes = &self.nodes;
             let oldest = pop_least_recent(&mut self.node_queues[class], self.now, |q| {
                 let n = &nodes[q.idx as usize];
-                (n.alive && n.generation == q.generation).then_some(n.last_seen)
+                let spare = dominant.is_some_and(|d| d != n.owner);
+                (n.alive && n.generation == q.generation).then_some((n.last_seen, spare))
             });
             if let Some(q) = oldest {
                 self.remove_node(q.idx);
@@ -205,7 +209,7 @@ impl Graph {
             let edges = &self.edges;
             let oldest = pop_least_recent(&mut self.edge_queues[class], self.now, |q| {
                 let e = &edges[q.idx as usize];
-                (e.alive && e.uid as u32 == q.generation).then_some(e.last_seen)
+                (e.alive && e.uid as u32 == q.generation).then_some((e.last_seen, false))
             });
             if let Some(q) = oldest {
                 self.remove_edge(q.idx);
@@ -218,18 +222,21 @@ impl Graph {
 
 /// The entry of `queue` seen least recently, taken out of it (second-chance FIFO).
 /// `last_seen` is `None` for a stale entry (its node or edge is gone), else when it was last
-/// seen. Entries seen at `now` (e.g. created by the event being applied) get a reprieve while
-/// older candidates exist; `spins` bounds the loop when none do. Only reprieves of current
-/// entries spend `spins`: a stale entry is requeued at its last sighting once, so it cannot loop.
+/// seen and whether to spare it. Entries seen at `now` (e.g. created by the event being applied)
+/// and spared ones get a reprieve while other candidates exist; `spins` bounds the loop when
+/// none do. Only reprieves of current or spared entries spend `spins`: a stale entry is requeued
+/// at its last sighting once, so it cannot loop.
 fn pop_least_recent(
     queue: &mut std::collections::VecDeque<QEntry>,
     now: i64,
-    last_seen: impl Fn(&QEntry) -> Option<i64>,
+    last_seen: impl Fn(&QEntry) -> Option<(i64, bool)>,
 ) -> Option<QEntry> {
     let mut spins = queue.len();
     while let Some(q) = queue.pop_front() {
-        let Some(seen) = last_seen(&q) else { continue };
-        let current = seen >= now && spins > 0;
+        let Some((seen, spare)) = last_seen(&q) else {
+            continue;
+        };
+        let current = (seen >= now || spare) && spins > 0;
         if seen > q.at || current {
             if seen <= q.at {
                 spins = spins.saturating_sub(1);

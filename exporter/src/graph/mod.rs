@@ -171,6 +171,51 @@ struct Node {
     values_at: i64,
     /// An entry for this node is in the value queue.
     value_queued: bool,
+    /// Slot of the producer that created or last refreshed it (see [`Owners`]).
+    owner: u8,
+}
+
+/// Producers (pipeline lanes: a collector, one probe) and how many nodes each holds, so that
+/// eviction can make the one that holds most of the graph pay first: a source that floods
+/// evicts its own entries, not the few a quiet probe keeps refreshing (issue 15). Bounded: at
+/// most [`Owners::MAX`] slots; producers beyond share slot 0 with the unknown ones.
+#[derive(Debug)]
+struct Owners {
+    /// Lane id of each slot (slot 0: unknown).
+    ids: Vec<u64>,
+    nodes: Vec<u32>,
+    current: u8,
+}
+
+impl Owners {
+    const MAX: usize = 64;
+
+    fn new() -> Self {
+        Owners {
+            ids: vec![0],
+            nodes: vec![0],
+            current: 0,
+        }
+    }
+
+    fn set(&mut self, id: u64) {
+        let slot = match self.ids.iter().position(|&x| x == id) {
+            Some(i) => i,
+            None if self.ids.len() < Self::MAX => {
+                self.ids.push(id);
+                self.nodes.push(0);
+                self.ids.len() - 1
+            }
+            None => 0,
+        };
+        self.current = slot as u8;
+    }
+
+    /// The slot holding more than half of `total` nodes, if one does.
+    fn dominant(&self, total: usize) -> Option<u8> {
+        let (slot, &n) = self.nodes.iter().enumerate().max_by_key(|&(_, n)| *n)?;
+        (n as usize * 2 > total).then_some(slot as u8)
+    }
 }
 
 /// Fixed charge of a node: its slab slot, an index entry with hash-table overhead, and up to
@@ -408,6 +453,7 @@ pub struct Graph {
     evictions: Evictions,
     changes: Vec<Change>,
     track: bool,
+    owners: Owners,
 }
 
 fn edge_key(from: u32, to: u32, kind: EdgeKind) -> u64 {
@@ -485,7 +531,15 @@ impl Graph {
             evictions: Evictions::default(),
             changes: Vec::new(),
             track: false,
+            owners: Owners::new(),
         }
+    }
+
+    /// Names the producer of the events that follow (a pipeline lane id; 0: unknown). Nodes are
+    /// charged to the producer that created or last refreshed them; when one producer holds more
+    /// than half of the graph, eviction takes its nodes first.
+    pub fn set_producer(&mut self, id: u64) {
+        self.owners.set(id);
     }
 
     pub fn limits(&self) -> &GraphLimits {

@@ -223,6 +223,12 @@ impl Graph {
         if ts > n.last_seen {
             n.last_seen = ts;
         }
+        let owner = self.owners.current;
+        if n.owner != owner {
+            self.owners.nodes[n.owner as usize] -= 1;
+            self.owners.nodes[owner as usize] += 1;
+            n.owner = owner;
+        }
     }
 
     pub(super) fn new_node(&mut self, kind: NodeKind, name: Box<str>, pid: u32, ts: i64) -> u32 {
@@ -253,7 +259,9 @@ impl Graph {
             heap: 0,
             values_at: ts,
             value_queued: false,
+            owner: self.owners.current,
         };
+        self.owners.nodes[self.owners.current as usize] += 1;
         let idx = match self.free_nodes.pop() {
             Some(i) => {
                 let generation = self.nodes[i as usize].generation.wrapping_add(1);
@@ -411,6 +419,7 @@ impl Graph {
             n.value_queued = false;
             self.bytes -= n.cost as usize;
             n.cost = 0;
+            self.owners.nodes[n.owner as usize] -= 1;
             (n.kind, n.generation, std::mem::take(&mut n.name), n.pid)
         };
         match kind {

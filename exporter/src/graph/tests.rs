@@ -337,3 +337,80 @@ fn accounting_follows_meta_and_removal() {
     g.advance(10_000_000);
     assert_eq!(g.bytes(), 0);
 }
+
+/// A flood from one producer turns the graph over many times between two refreshes of another
+/// producer's edge. Charged to their producers, the flood's nodes go first and the quiet edge
+/// stays; charged to one producer (the control), plain least-recent eviction takes it.
+#[test]
+fn a_dominant_producer_pays_for_its_own_flood() {
+    fn run(separate: bool) -> (bool, Graph) {
+        let max = 1024 * 1024;
+        let mut g = Graph::new(GraphLimits {
+            max_bytes: max,
+            ..GraphLimits::default()
+        });
+        let pad = "x".repeat(100);
+        let mut survived = true;
+        for i in 0..30_000u32 {
+            let ts = i64::from(i);
+            if i % 10_000 == 0 {
+                g.set_producer(if separate { 2 } else { 1 });
+                g.ingest(&ev(
+                    ts,
+                    EventType::TransportDrop,
+                    "network-q",
+                    Some(1),
+                    "drop",
+                ));
+            }
+            g.set_producer(1);
+            let entity = format!("flood-{i}-{pad}");
+            g.ingest(&ev(
+                ts,
+                EventType::ComputeUtil,
+                &entity,
+                Some(100_000 + i),
+                "1",
+            ));
+            assert!(g.bytes() <= max);
+            survived &= g.edge_count(EdgeKind::WaitsOn) == 1;
+        }
+        (survived, g)
+    }
+    let (survived, g) = run(true);
+    assert!(
+        survived,
+        "the quiet producer's edge was evicted by the flood"
+    );
+    assert!(g.evictions().nodes_bytes > 20_000, "{:?}", g.evictions());
+    // Per-producer counts match a recount.
+    let live = g.nodes.iter().filter(|n| n.alive);
+    let quiet = live.clone().filter(|n| n.owner != g.owners.current).count();
+    assert_eq!(
+        quiet as u32,
+        g.owners.nodes.iter().sum::<u32>() - g.owners.nodes[g.owners.current as usize]
+    );
+    assert_eq!(live.count() as u32, g.owners.nodes.iter().sum::<u32>());
+    let (control, _) = run(false);
+    assert!(
+        !control,
+        "the control should lose the edge: the test cannot fail otherwise"
+    );
+}
+
+#[test]
+fn producer_slots_are_bounded() {
+    let mut g = Graph::new(GraphLimits::default());
+    for id in 0..1000 {
+        g.set_producer(id);
+        g.ingest(&ev(
+            id as i64,
+            EventType::ComputeUtil,
+            &format!("r{id}"),
+            None,
+            "1",
+        ));
+    }
+    assert_eq!(g.owners.ids.len(), Owners::MAX);
+    assert_eq!(g.owners.nodes.iter().sum::<u32>() as usize, g.total_nodes());
+}

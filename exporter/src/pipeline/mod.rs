@@ -271,6 +271,12 @@ impl Pipeline {
         self.drop_event(e.reason(), source, e);
     }
 
+    /// Names the producer (pipeline lane) of the events that follow, for the graph's eviction
+    /// fairness ([`Graph::set_producer`]).
+    pub fn set_producer(&mut self, lane: u64) {
+        self.graph.set_producer(lane);
+    }
+
     /// Validates the timestamp, then applies the event to the graph and the rules.
     pub fn handle_event(&mut self, ev: &Event, source: &'static str) {
         let live = self.clock != Clock::EventTime;
