@@ -32,6 +32,9 @@ pub enum BenchCommand {
     Nvml(crate::collectors::nvml::bench::NvmlBenchArgs),
     /// One full collection of every procfs/sysfs host collector: median/p90 ms.
     Host(crate::collectors::host::HostBenchArgs),
+    /// Kernel log: parse + classify lines/s over the fixture corpus, and the collector's CPU
+    /// while following a file that grows by `--rate` lines/s.
+    Kmsg(crate::collectors::kmsg::bench::KmsgBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -189,6 +192,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Flood(a) => bench_flood(a),
         BenchCommand::Nvml(a) => crate::collectors::nvml::bench::run(a),
         BenchCommand::Host(a) => print(crate::collectors::host::bench(&a)),
+        BenchCommand::Kmsg(a) => crate::collectors::kmsg::bench::run(a),
     }
 }
 

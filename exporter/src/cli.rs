@@ -108,11 +108,15 @@ pub struct ServeArgs {
     /// sysfs mount point read by the host collectors; the cgroup v2 tree is `<DIR>/fs/cgroup`.
     #[arg(long = "path.sysfs", value_name = "DIR")]
     pub sysfs: Option<PathBuf>,
+    /// Kernel log read by the kmsg collector: `/dev/kmsg` (default) or a file (saved dmesg,
+    /// journal export, kmsg dump) read from its start and followed.
+    #[arg(long = "path.kmsg", value_name = "PATH")]
+    pub kmsg: Option<PathBuf>,
     /// Kubeconfig for the pod watch (default: KUBECONFIG, ~/.kube/config, in-cluster).
     #[arg(long = "kubeconfig", value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
     /// Enable a collector (repeatable; also `--collector.NAME`). Known: probe, ebpf, nvml (nvml is
-    /// off by default), netdev, infiniband, block, pressure, process, pods.
+    /// off by default), netdev, infiniband, block, pressure, process, pods, kmsg.
     #[arg(long = "collector", value_name = "NAME")]
     pub enable: Vec<String>,
     /// Disable a collector (repeatable; also `--no-collector.NAME`).
@@ -358,6 +362,9 @@ fn apply_host_flags(cfg: &mut Config, args: &ServeArgs, node: &str) {
     }
     if let Some(p) = &args.sysfs {
         cfg.host.sysfs.clone_from(p);
+    }
+    if let Some(p) = &args.kmsg {
+        cfg.kmsg.path.clone_from(p);
     }
     if args.kubeconfig.is_some() {
         cfg.host.kubeconfig.clone_from(&args.kubeconfig);

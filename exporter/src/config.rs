@@ -17,8 +17,9 @@ use crate::rules::format::DurationSpec;
 use crate::{Error, Result};
 
 /// Top-level keys, used to pick our variables out of `ARK_*` (other tools use that prefix too).
-const TOP_KEYS: [&str; 10] = [
+const TOP_KEYS: [&str; 11] = [
     "nvml",
+    "kmsg",
     "probes",
     "ebpf",
     "rules_dir",
@@ -223,6 +224,8 @@ pub struct Config {
     pub ebpf: EbpfSection,
     /// `[nvml]`: the NVML collector (see `docs/nvml.md`).
     pub nvml: crate::collectors::nvml::NvmlSection,
+    /// `[kmsg]`: the kernel-log collector (see `docs/kmsg.md`).
+    pub kmsg: crate::collectors::kmsg::KmsgSection,
     /// `[host]`: procfs/sysfs collectors and pod attribution.
     pub host: crate::collectors::host::HostConfig,
 }

@@ -26,6 +26,7 @@
 
 pub mod ebpf;
 pub mod host;
+pub mod kmsg;
 pub mod nvml;
 pub mod pods;
 pub mod probe;
@@ -63,6 +64,8 @@ pub enum CollectorKind {
     Process,
     /// Kubernetes watch of this node's pods for attribution ([`pods`]).
     Pods,
+    /// The kernel log: XIDs, SXids, PCIe AER, OOM kills, hung tasks ([`kmsg`]).
+    Kmsg,
 }
 
 impl CollectorKind {
@@ -76,6 +79,7 @@ impl CollectorKind {
         CollectorKind::Pressure,
         CollectorKind::Process,
         CollectorKind::Pods,
+        CollectorKind::Kmsg,
     ];
 
     /// The `collector` label and the flag/config name.
@@ -90,6 +94,7 @@ impl CollectorKind {
             CollectorKind::Pressure => "pressure",
             CollectorKind::Process => "process",
             CollectorKind::Pods => "pods",
+            CollectorKind::Kmsg => "kmsg",
         }
     }
 
@@ -105,7 +110,8 @@ impl CollectorKind {
             | CollectorKind::Block
             | CollectorKind::Pressure
             | CollectorKind::Process
-            | CollectorKind::Pods => true,
+            | CollectorKind::Pods
+            | CollectorKind::Kmsg => true,
         }
     }
 
@@ -129,6 +135,7 @@ impl CollectorKind {
             )),
             CollectorKind::Nvml => Box::new(nvml::NvmlCollector::new(&cfg.nvml, &cfg.host.procfs)),
             CollectorKind::Pods => Box::new(pods::PodsCollector::new(&cfg.host, log_interval)),
+            CollectorKind::Kmsg => Box::new(kmsg::KmsgCollector::new(&cfg.kmsg, &cfg.host)),
             CollectorKind::Netdev
             | CollectorKind::Infiniband
             | CollectorKind::Block

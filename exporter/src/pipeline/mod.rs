@@ -368,7 +368,8 @@ impl Pipeline {
         };
         counts[ev.event_type as usize] += 1;
         // The NVML collector keeps its own XID/ECC counters; everything else is derived here.
-        if source != "nvml" {
+        // NVML and the kernel log count their own XIDs (with their own `source`).
+        if source != "nvml" && source != "kmsg" {
             self.gpu_faults.observe(ev);
         }
         if let Some(now) = now {

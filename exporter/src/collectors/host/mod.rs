@@ -365,7 +365,11 @@ pub fn source(
         CollectorKind::Block => Box::new(block::BlockCollector::new(cfg)),
         CollectorKind::Pressure => Box::new(pressure::PressureCollector::new(cfg)),
         CollectorKind::Process => Box::new(process::ProcessCollector::new(cfg, pods.clone())),
-        CollectorKind::Probe | CollectorKind::Ebpf | CollectorKind::Nvml | CollectorKind::Pods => {
+        CollectorKind::Probe
+        | CollectorKind::Ebpf
+        | CollectorKind::Nvml
+        | CollectorKind::Pods
+        | CollectorKind::Kmsg => {
             return None;
         }
     })
