@@ -36,6 +36,13 @@ const CATALOG_WITH_ALERTS: &[&str] = &[
     "GpuThermalThrottle",
     "GpuHighTemperature",
     "GpuXidApplication",
+    // issue 16: the kernel-log conditions of alerts/kernel.rules.yml
+    "NvswitchSxidFatal",
+    "PcieAerUncorrected",
+    "GpuResetRequired",
+    "GpuRebootRequired",
+    "GpuDrainAndReset",
+    "KernelHungTasks",
 ];
 
 /// Alerts for people, not for the healer: Ark watching itself (`alerts/ark.rules.yml`,
@@ -54,6 +61,9 @@ const PEOPLE_ALERTS: &[&str] = &[
     "ArkNodeBlocked",
     "ArkTicketStuck",
     "ArkHealerPaused",
+    // issue 16: NVML cannot answer (software-side failure), which is not broken hardware: the
+    // healer must not act, people look (alerts/gpu.rules.yml, docs/runbooks/NodeUnobservable.md).
+    "NodeUnobservable",
 ];
 
 /// People alerts about the whole installation rather than one node.

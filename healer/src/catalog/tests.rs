@@ -29,6 +29,98 @@ fn embedded_catalog_matches_design_priorities() {
     assert_eq!(p("GpuXidApplication"), 1000);
 }
 
+/// Issue 16: the kernel-log conditions of `alerts/kernel.rules.yml`. Each resolves by its
+/// `condition` label, has the priority class its alert's severity says (critical = 0..5,
+/// warning = 6..99) and the SOP the catalog comment argues for.
+#[test]
+fn kernel_log_conditions_resolve_with_their_priority_and_sop() {
+    let c = Catalog::embedded().unwrap();
+    let has_job = |steps: &[Step], t: &str| {
+        steps
+            .iter()
+            .any(|s| matches!(s, Step::RunJob { template, .. } if template == t))
+    };
+    for (cond, priority, sop) in [
+        ("NvswitchSxidFatal", 2, "reboot"),
+        ("GpuRebootRequired", 2, "reboot"),
+        ("GpuResetRequired", 3, "gpu-reset"),
+        ("PcieAerUncorrected", 4, "reboot"),
+        ("GpuDrainAndReset", 7, "gpu-reset"),
+        ("KernelHungTasks", 8, "cordon-diagnose"),
+    ] {
+        // The alert's condition label wins over any xid label (XID 154 maps to nothing).
+        assert_eq!(c.resolve(Some(cond), Some("154")), Some(cond), "{cond}");
+        let spec = c.condition(cond).unwrap();
+        assert_eq!(
+            (spec.priority, spec.sop.as_str()),
+            (priority, sop),
+            "{cond}"
+        );
+        assert_eq!(
+            PriorityClass::of(spec.priority),
+            PriorityClass::Emergency,
+            "{cond}"
+        );
+        let steps = &c.sop(sop).unwrap().steps;
+        assert_eq!(steps[0], Step::Cordon, "{cond}: cordon first");
+    }
+    // XID 154 itself is informational: only its recovery action (the alerts above) acts.
+    assert_eq!(c.resolve(None, Some("154")), None);
+
+    let sop = |cond: &str| &c.sop(&c.condition(cond).unwrap().sop).unwrap().steps;
+    // A fatal SXid or "Node Reboot Required": drain, then reboot, wait for the alert to resolve.
+    for cond in [
+        "NvswitchSxidFatal",
+        "GpuRebootRequired",
+        "PcieAerUncorrected",
+    ] {
+        let s = sop(cond);
+        let drain = s.iter().position(|s| matches!(s, Step::Drain { .. }));
+        let reboot = s
+            .iter()
+            .position(|s| matches!(s, Step::RunJob { template, .. } if template == "reboot"));
+        assert!(
+            drain.is_some() && drain < reboot,
+            "{cond}: drain before reboot: {s:?}"
+        );
+        assert!(
+            s.iter().any(|s| matches!(s, Step::WaitCondition { .. })),
+            "{cond}"
+        );
+        assert!(!has_job(s, "gpu-reset"), "{cond}");
+    }
+    // GPU reset (now or after a drain): drain, then the gpu-reset Job, never a reboot.
+    for cond in ["GpuResetRequired", "GpuDrainAndReset"] {
+        let s = sop(cond);
+        let drain = s.iter().position(|s| matches!(s, Step::Drain { .. }));
+        let reset = s
+            .iter()
+            .position(|s| matches!(s, Step::RunJob { template, .. } if template == "gpu-reset"));
+        assert!(
+            drain.is_some() && drain < reset,
+            "{cond}: drain before reset: {s:?}"
+        );
+        assert!(!has_job(s, "reboot"), "{cond}");
+    }
+    // The more urgent recovery actions win on a node that has several.
+    let p = |n: &str| c.condition(n).unwrap().priority;
+    assert!(p("GpuRebootRequired") < p("GpuResetRequired"));
+    assert!(p("GpuResetRequired") < p("GpuDrainAndReset"));
+    // Hung tasks: cordon, diagnose while the hang is live, hand to people; nothing disruptive
+    // beyond the cordon and its taint (no reboot, no reset, no drain).
+    let hung = sop("KernelHungTasks");
+    assert_eq!(hung.last(), Some(&Step::Escalate));
+    assert!(has_job(hung, "diagnose"));
+    assert!(!has_job(hung, "reboot") && !has_job(hung, "gpu-reset"));
+    assert!(!hung.iter().any(|s| matches!(s, Step::Drain { .. })));
+    assert!(
+        hung.iter()
+            .filter(|s| s.disrupts())
+            .all(|s| matches!(s, Step::Cordon | Step::Taint { .. })),
+        "{hung:?}"
+    );
+}
+
 #[test]
 fn xid_mapping_is_derived_from_the_xid_table() {
     let c = Catalog::embedded().unwrap();
