@@ -35,6 +35,8 @@ fn now_ms() -> i64 {
 struct NodeRig {
     name: String,
     inject: PathBuf,
+    /// The kernel log this node's exporter follows (`--path.kmsg`): never the host's own.
+    kmsg: PathBuf,
     port: u16,
     _exporter: Service,
 }
@@ -92,6 +94,8 @@ impl Stack {
                 .await?;
             let inject = d.join(format!("{name}.jsonl"));
             std::fs::write(&inject, "")?;
+            let kmsg = d.join(format!("{name}-kern.log"));
+            std::fs::write(&kmsg, "")?;
             let probe = d.join(format!("{name}-probe.sh"));
             // `--pid=$PPID`: the probe ends with its exporter, even one killed with SIGKILL.
             std::fs::write(
@@ -109,6 +113,7 @@ impl Stack {
                     .args(["--web.listen-address", &format!("127.0.0.1:{port}")])
                     .args(["--node-name", name])
                     .args(["--probe", &probe.display().to_string()])
+                    .args(["--path.kmsg", &kmsg.display().to_string()])
                     .args(["--rules", &repo_root().join("rules").display().to_string()])
                     .args(["--no-collector", "ebpf"]),
                 &d.join(format!("exporter-{name}.log")),
@@ -116,6 +121,7 @@ impl Stack {
             nodes.push(NodeRig {
                 name: (*name).to_owned(),
                 inject,
+                kmsg,
                 port,
                 _exporter: exporter,
             });
@@ -258,6 +264,19 @@ impl Stack {
             .append(true)
             .open(&self.node(node).inject)?;
         writeln!(f, "{line}")?;
+        Ok(())
+    }
+
+    /// Appends lines to the kernel log the node's exporter follows, as a saved `dmesg -T` would
+    /// have them (the time is now, in UTC).
+    fn inject_kmsg(&self, node: &str, messages: &[&str]) -> Result<()> {
+        let stamp = chrono_like_ctime(SystemTime::now());
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.node(node).kmsg)?;
+        for m in messages {
+            writeln!(f, "[{stamp}] {m}")?;
+        }
         Ok(())
     }
 
@@ -487,6 +506,94 @@ async fn xid79_reboots_the_node_and_a_cleared_fault_uncordons_it() -> Result<()>
     for step in ["Cordon", "Drain", "RunJob", "Uncordon"] {
         assert!(audit.contains(step), "audit log lacks {step}");
     }
+    Ok(())
+}
+
+/// `Sun Feb 23 16:24:18 2025` (UTC) for `t`, the time format of `dmesg -T`.
+fn chrono_like_ctime(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const DOW: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MON: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{} {} {:2} {:02}:{:02}:{:02} {year}",
+        DOW[days.rem_euclid(7) as usize],
+        MON[(month - 1) as usize],
+        day,
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The kernel-log path end to end: the driver's XID 79 line appended to the log the exporter
+/// follows → `ark_gpu_xid_errors_total{source="kmsg"}` → `GpuFellOffBus` in Prometheus →
+/// Alertmanager → the healer cordons, drains and creates the reboot Job on the real apiserver.
+/// No NVML and no probe event: the kernel log alone is the evidence.
+#[tokio::test]
+async fn a_kernel_log_xid79_line_reboots_the_node() -> Result<()> {
+    if ark_harness::skip_without_services("a_kernel_log_xid79_line_reboots_the_node") {
+        return Ok(());
+    }
+    let s = Stack::start(&["gpu-node-k"], Options::default()).await?;
+    let n = "gpu-node-k";
+    s.kube
+        .create_pod("ml", "trainer-k", n, &[("app", "trainer")])
+        .await?;
+    s.inject_kmsg(
+        n,
+        &[
+            "NVRM: GPU at PCI:0000:3b:00: GPU-6f2a7c1e-0b6d-4c2e-9a53-3d5d2f0c1a77",
+            "NVRM: Xid (PCI:0000:3b:00): 79, pid=4242, name=python3, GPU has fallen off the bus.",
+        ],
+    )?;
+    let t = s
+        .wait_ticket(n, Duration::from_secs(90), "reboot Job running", |t| {
+            t["condition"] == "GpuFellOffBus"
+                && has_step(t, "Drain", "Succeeded")
+                && has_step(t, "RunJob", "Running")
+        })
+        .await?;
+    let alerts = s.prom.alerts().await?;
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a["labels"]["condition"] == "GpuFellOffBus"
+                && a["labels"]["node"] == n
+                && a["labels"]["xid"] == "79"),
+        "{alerts:?}"
+    );
+    let steps: Vec<String> = workflows(&t).into_iter().map(|(a, _)| a).collect();
+    assert_eq!(steps[..3], ["Cordon", "Taint", "Drain"], "{t:?}");
+    assert_eq!(
+        s.jobs(n, "reboot").await?.len(),
+        1,
+        "exactly one reboot Job"
+    );
+    // What the exporter published, from the kernel log only.
+    let body = reqwest::get(format!("http://127.0.0.1:{}/metrics", s.node(n).port))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("ark_gpu_xid_errors_total{")
+                && l.contains(r#"source="kmsg""#)
+                && l.contains(r#"xid="79""#)),
+        "no kmsg XID series:\n{body}"
+    );
     Ok(())
 }
 
