@@ -24,6 +24,7 @@ use std::time::Duration;
 use ark_exporter::collectors::nvml::poll::{PollSettings, Poller};
 use ark_exporter::collectors::nvml::real::NvmlSource;
 use ark_exporter::collectors::nvml::recorded;
+use ark_exporter::collectors::nvml::source::Cause;
 use ark_exporter::collectors::nvml::{
     GpuError, GpuSource, NvmlCollector, PodRef, PodResolver, XidEvent, XidSink,
 };
@@ -56,6 +57,7 @@ fn ours(line: &str) -> bool {
             "ark_root_cause",
             "ark_collector_up",
             "ark_events_total",
+            "ark_nvml_errors_total",
         ]
         .contains(&name)
 }
@@ -104,13 +106,20 @@ fn pods() -> PodResolver {
 fn golden_run(rules: Option<&[ark_exporter::rules::format::LoadedRule]>) -> (Telemetry, Pipeline) {
     let telemetry = Telemetry::new("golden").unwrap();
     telemetry.collector("nvml").set_up(true);
+    // Every GPU's PCI device present (gpu 3 is lost by NVML's word alone).
+    let sys = tempfile::tempdir().unwrap();
+    for bus in ["18", "28", "38", "48"] {
+        std::fs::create_dir_all(sys.path().join(format!("bus/pci/devices/0000:{bus}:00.0")))
+            .unwrap();
+    }
     let mut poller = Poller::new(
         Arc::new(recorded::golden()),
         4,
         PollSettings::default(),
         Some(pods()),
     )
-    .unwrap();
+    .unwrap()
+    .with_sysfs(sys.path());
     let sink = XidSink::new(telemetry.clone(), None, Arc::new(|| T0 + 500), false, None);
     let mut p = Pipeline::new(
         Config::default().pipeline(),
@@ -428,13 +437,14 @@ async fn running_collector_publishes_xids_at_once_and_the_why_api_sees_them() {
 #[test]
 fn real_nvml_source_where_available() {
     match NvmlSource::open(Some(Path::new("/nonexistent/libnvidia-ml.so.1"))) {
-        Err(GpuError::Unavailable { detail }) => {
-            assert!(detail.contains("/nonexistent"), "{detail}")
+        Err(GpuError::Unavailable { detail, cause }) => {
+            assert!(detail.contains("/nonexistent"), "{detail}");
+            assert_eq!(cause, Cause::LibraryNotFound);
         }
         other => panic!("a missing library must be Unavailable, got {other:?}"),
     }
     match NvmlSource::open(None) {
-        Err(GpuError::Unavailable { detail }) => {
+        Err(GpuError::Unavailable { detail, .. }) => {
             // No driver on this machine: the documented degraded path.
             assert!(detail.contains("libnvidia-ml.so"), "{detail}");
         }
@@ -532,10 +542,17 @@ fn binary_with_the_nvml_collector_keeps_serving_without_a_gpu() {
 
 /// Compiles `tests/fixtures/nvml_stub.c` (an ABI stub of a few NVML entry points, see the file).
 fn build_stub(dir: &Path) -> std::path::PathBuf {
+    build_stub_failing(dir, None)
+}
+
+/// The stub with an error class compiled in (see the file's header), as its own library file.
+fn build_stub_failing(dir: &Path, class: Option<&str>) -> std::path::PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nvml_stub.c");
-    let out = dir.join("libnvidia-ml-stub.so");
+    let out = dir.join(format!("libnvidia-ml-stub-{}.so", class.unwrap_or("ok")));
     let status = Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
+        .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror"])
+        .args(class.map(|c| format!("-DARK_STUB_ERROR=\"{c}\"")))
+        .arg("-o")
         .arg(&out)
         .arg(&src)
         .status()
@@ -623,6 +640,8 @@ fn binary_with_the_real_source_on_the_abi_stub() {
         .unwrap()
         .port();
     let log = d.path().join("stderr");
+    // gpu 0's PCI device is present (gpu 1 never tells its bus id: it is lost from the start).
+    let sys = fake_sysfs(d.path(), &["0000:18:00.0"]);
     let mut child = Kill(
         Command::new(env!("CARGO_BIN_EXE_ark-exporter"))
             .args([
@@ -635,7 +654,10 @@ fn binary_with_the_real_source_on_the_abi_stub() {
                 "--config",
             ])
             .arg(&cfg)
+            .arg("--path.sysfs")
+            .arg(&sys)
             .env_remove("NODE_NAME")
+            .env_remove("ARK_NVML_STUB_ERROR")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -718,6 +740,206 @@ fn binary_with_the_real_source_on_the_abi_stub() {
     );
     assert_eq!(log.matches("not watched on some GPUs").count(), 1, "{log}");
     assert!(!log.contains("XID events unavailable"), "{log}");
-    assert_eq!(log.matches("GPU not answering").count(), 1, "{log}");
+    assert_eq!(log.matches("GPU lost:").count(), 1, "{log}");
+    assert_eq!(s("ark_gpu_pci_present", &[("gpu", "0")]), Some(1.0));
+    assert_eq!(s("ark_gpu_observable", &[("gpu", "1")]), Some(1.0));
+    assert_eq!(
+        s("ark_nvml_errors_total", &[("reason", "gpu_lost")]).map(|v| v > 0.0),
+        Some(true)
+    );
+    // The PCI device disappears (fell off the bus): gpu 0 is lost on that evidence alone.
+    std::fs::remove_dir(sys.join("bus/pci/devices/0000:18:00.0")).unwrap();
+    let mut gone = false;
+    for _ in 0..500 {
+        if let Some((200, t)) = http_get(port, "/metrics", Duration::from_secs(5))
+            && sample(&t, "ark_gpu_up", &[("gpu", "0")]) == Some(0.0)
+            && sample(&t, "ark_gpu_pci_present", &[("gpu", "0")]) == Some(0.0)
+        {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        gone,
+        "gpu 0 not reported lost after its PCI device went away"
+    );
     assert!(!log.contains("NVML collector off"), "{log}");
+}
+
+/// `<dir>/sys/bus/pci/devices/<bdf>` for each bus id; returns the sysfs root.
+fn fake_sysfs(dir: &Path, bdfs: &[&str]) -> std::path::PathBuf {
+    let sys = dir.join("sys");
+    for b in bdfs {
+        std::fs::create_dir_all(sys.join("bus/pci/devices").join(b)).unwrap();
+    }
+    std::fs::create_dir_all(sys.join("bus/pci/devices")).unwrap();
+    sys
+}
+
+/// Issue 16 item 5 through the real `NvmlSource`: each error class of the stub library maps to
+/// its bounded cause, and only GPU_IS_LOST is `Lost`.
+#[test]
+fn real_nvml_source_classifies_each_error_class_of_the_stub() {
+    let d = tempfile::tempdir().unwrap();
+    for (class, cause) in [
+        ("init", Cause::InitFailed),
+        ("init_mismatch", Cause::DriverMismatch),
+    ] {
+        let lib = build_stub_failing(d.path(), Some(class));
+        match NvmlSource::open(Some(&lib)) {
+            Err(e @ GpuError::Unavailable { .. }) => {
+                assert_eq!(e.reason(), cause.label(), "{class}: {e}")
+            }
+            other => panic!("{class}: want Unavailable, got {other:?}"),
+        }
+    }
+    for (class, cause) in [
+        ("mismatch", Cause::DriverMismatch),
+        ("no_permission", Cause::NoPermission),
+        ("not_supported", Cause::NotSupported),
+        ("uninitialized", Cause::Uninitialized),
+    ] {
+        let lib = build_stub_failing(d.path(), Some(class));
+        let src = NvmlSource::open(Some(&lib)).unwrap();
+        for gpu in 0..2 {
+            match src.sample(gpu) {
+                Err(e @ GpuError::Unobservable { .. }) => {
+                    assert_eq!(e.reason(), cause.label(), "{class}: {e}");
+                    assert!(!e.is_evidence());
+                }
+                other => panic!("{class} gpu {gpu}: want Unobservable, got {other:?}"),
+            }
+        }
+    }
+    let lib = build_stub_failing(d.path(), Some("lost"));
+    let src = NvmlSource::open(Some(&lib)).unwrap();
+    match src.sample(0) {
+        Err(e @ GpuError::Lost { .. }) => assert!(e.is_evidence()),
+        other => panic!("want Lost, got {other:?}"),
+    }
+}
+
+/// The binary on the stub, one error class at a time (selected with `ARK_NVML_STUB_ERROR` after
+/// a first healthy poll): software classes give `ark_gpu_observable 0` and
+/// `ark_collector_up{collector="nvml"} 0` and never `ark_gpu_up 0`; GPU_IS_LOST gives `up 0`.
+#[test]
+fn binary_reports_software_failures_as_unobservable_and_only_gpu_is_lost_as_down() {
+    let d = tempfile::tempdir().unwrap();
+    let lib = build_stub(d.path());
+    let sys = fake_sysfs(d.path(), &["0000:18:00.0"]);
+    let cfg = d.path().join("ark.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[nvml]\nlibrary = \"{}\"\npoll_interval = \"100ms\"\ndevice_timeout = \"300ms\"\n\
+             first_poll_timeout = \"2s\"\nretry_interval = \"200ms\"\n",
+            lib.display()
+        ),
+    )
+    .unwrap();
+    let cases: [(&str, Option<&str>, &str); 7] = [
+        ("init", None, "init_failed"),
+        ("init_mismatch", None, "driver_mismatch"),
+        ("mismatch", Some("2"), "driver_mismatch"),
+        ("no_permission", Some("2"), "no_permission"),
+        ("not_supported", Some("2"), "not_supported"),
+        ("timeout", Some("2"), "timeout"),
+        ("lost", Some("2"), "gpu_lost"),
+    ];
+    let children: Vec<_> = cases
+        .iter()
+        .map(|&(class, after, _)| {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let log = d.path().join(format!("{class}.stderr"));
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_ark-exporter"));
+            cmd.args([
+                "--web.listen-address",
+                &format!("127.0.0.1:{port}"),
+                "--node-name",
+                "n1",
+                "--collector",
+                "nvml",
+                "--config",
+            ])
+            .arg(&cfg)
+            .arg("--path.sysfs")
+            .arg(&sys)
+            .env_remove("NODE_NAME")
+            .env("ARK_NVML_STUB_ERROR", class)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+            match after {
+                Some(n) => cmd.env("ARK_NVML_STUB_ERROR_AFTER", n),
+                None => cmd.env_remove("ARK_NVML_STUB_ERROR_AFTER"),
+            };
+            (port, log, Kill(cmd.spawn().unwrap()))
+        })
+        .collect();
+    for ((class, after, reason), (port, log, mut child)) in cases.into_iter().zip(children) {
+        let lost = class == "lost";
+        let mut text = String::new();
+        for _ in 0..500 {
+            if let Some((200, t)) = http_get(port, "/metrics", Duration::from_secs(5)) {
+                let errors = sample(&t, "ark_nvml_errors_total", &[("reason", reason)]);
+                let done = if lost {
+                    sample(&t, "ark_gpu_up", &[("gpu", "0")]) == Some(0.0)
+                } else if after.is_some() {
+                    sample(&t, "ark_gpu_observable", &[("gpu", "0")]) == Some(0.0)
+                        && sample(&t, "ark_gpu_observable", &[("gpu", "1")]) == Some(0.0)
+                        && sample(&t, "ark_collector_up", &[("collector", "nvml")]) == Some(0.0)
+                } else {
+                    sample(&t, "ark_collector_up", &[("collector", "nvml")]) == Some(0.0)
+                };
+                if done && errors.is_some_and(|v| v > 0.0) {
+                    text = t;
+                    break;
+                }
+            }
+            assert!(
+                child.0.try_wait().unwrap().is_none(),
+                "{class}: exporter exited"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log = std::fs::read_to_string(&log).unwrap();
+        assert!(!text.is_empty(), "{class}: not reported; log:\n{log}");
+        let down: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("ark_gpu_up{") && l.ends_with(" 0"))
+            .collect();
+        if lost {
+            assert_eq!(
+                sample(&text, "ark_collector_up", &[("collector", "nvml")]),
+                Some(1.0),
+                "NVML answered \"lost\": the collector works"
+            );
+            assert_eq!(
+                sample(&text, "ark_gpu_observable", &[("gpu", "0")]),
+                Some(1.0)
+            );
+        } else {
+            assert!(down.is_empty(), "{class}: {down:?}\n{log}");
+            assert!(!log.contains("GPU lost"), "{class}: {log}");
+        }
+        if after.is_some() {
+            // The first poll was healthy: identity and bus id known, PCI device present.
+            assert!(
+                sample(&text, "ark_gpu_info", &[("gpu", "0")]).is_some(),
+                "{class}"
+            );
+            assert_eq!(
+                sample(&text, "ark_gpu_pci_present", &[("gpu", "0")]),
+                Some(1.0),
+                "{class}"
+            );
+        } else {
+            assert!(!text.contains("ark_gpu_up{"), "{class}");
+            assert!(log.contains("NVML collector off"), "{class}: {log}");
+        }
+    }
 }

@@ -133,7 +133,9 @@ impl CollectorKind {
                 cfg.ebpf.settings(),
                 &cfg.host.sysfs,
             )),
-            CollectorKind::Nvml => Box::new(nvml::NvmlCollector::new(&cfg.nvml, &cfg.host.procfs)),
+            CollectorKind::Nvml => Box::new(
+                nvml::NvmlCollector::new(&cfg.nvml, &cfg.host.procfs).with_sysfs(&cfg.host.sysfs),
+            ),
             CollectorKind::Pods => Box::new(pods::PodsCollector::new(&cfg.host, log_interval)),
             CollectorKind::Kmsg => Box::new(kmsg::KmsgCollector::new(&cfg.kmsg, &cfg.host)),
             CollectorKind::Netdev

@@ -6,13 +6,19 @@
 //! - `ark-nvml`: opens NVML (retrying quietly every `retry_interval` when there is no library,
 //!   driver or GPU: `ark_collector_up{collector="nvml"} 0` and one log line), then polls every
 //!   `poll_interval` through a [`Poller`], publishes the `nvml` snapshot and sends the cycle's
-//!   events to the pipeline;
+//!   events to the pipeline; the collector is up while NVML answers for at least one GPU;
 //! - `ark-nvml-gpu<N>`: one per device, runs the NVML calls of that device, so a hung GPU only
 //!   delays itself (see [`poll`]);
 //! - `ark-nvml-xid`: waits on NVML's critical-XID event set; every XID updates the `nvml_xid`
 //!   snapshot at once (it does not wait for the next poll), is sent as an `error.hw` event when it
 //!   is a GPU fault (see [`xid`]) and wakes the poller so that a GPU lost with XID 79 shows
-//!   `ark_gpu_up 0` within a second.
+//!   `ark_gpu_up 0` within a second (when NVML or sysfs then confirm the loss).
+//!
+//! Cannot observe ≠ broken: software-side NVML failures (init, driver/library mismatch,
+//! permission, not supported, timeouts) give `ark_gpu_observable 0` and, when NVML as a whole
+//! fails, `ark_collector_up{collector="nvml"} 0` — never `ark_gpu_up 0`, which needs evidence
+//! (see [`poll`]). Each GPU's bus id → index from its first good answer goes into the shared
+//! [`crate::gpu_map::GpuMap`] of the collector context (the kernel log reads it).
 //!
 //! Hardware sits behind [`GpuSource`]: [`real::NvmlSource`] is the default, [`recorded`] scripts
 //! answers for tests and benches. Pod attribution of GPU processes is a hook ([`PodResolver`])
@@ -26,6 +32,7 @@ pub mod recorded;
 pub mod source;
 pub mod xid;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
@@ -74,11 +81,13 @@ pub type ClockFn = Arc<dyn Fn() -> i64 + Send + Sync>;
 pub struct NvmlSection {
     /// Time between two samples of every GPU.
     pub poll_interval: DurationSpec,
-    /// A device that has not answered after this long is reported down (`ark_gpu_up 0`).
+    /// A device that has not answered after this long is reported unobservable
+    /// (`ark_gpu_observable 0`; not `ark_gpu_up 0`: a slow driver call is no hardware fault).
     pub device_timeout: DurationSpec,
     /// The same for the first poll after start (GPUs without persistence mode wake up slowly).
     pub first_poll_timeout: DurationSpec,
-    /// Consecutive silent polls before `GPU_LOST` goes to the causal graph.
+    /// Consecutive silent polls before a still-unobservable GPU is logged again. (Before issue
+    /// 16 this sent `GPU_LOST`; timeouts are no evidence of a lost GPU, so it no longer does.)
     pub lost_after_timeouts: u32,
     /// How often to try again when NVML cannot be opened or the XID watch cannot be set up.
     pub retry_interval: DurationSpec,
@@ -126,6 +135,8 @@ pub struct NvmlCollector {
     clock: ClockFn,
     /// procfs root for the default pod attribution (`[host] procfs`).
     procfs: std::path::PathBuf,
+    /// sysfs root for the PCI presence check (`[host] sysfs`); `None`: not checked.
+    sysfs: Option<std::path::PathBuf>,
 }
 
 impl NvmlCollector {
@@ -141,7 +152,14 @@ impl NvmlCollector {
             resolver: None,
             clock: Arc::new(wall_ms),
             procfs: procfs.to_owned(),
+            sysfs: None,
         }
+    }
+
+    /// Checks each GPU's `<sysfs>/bus/pci/devices/<bdf>` every poll (`[host] sysfs`).
+    pub fn with_sysfs(mut self, sysfs: &std::path::Path) -> Self {
+        self.sysfs = Some(sysfs.to_owned());
+        self
     }
 
     /// Replaces the backend (tests, benches).
@@ -186,6 +204,7 @@ impl Collector for NvmlCollector {
                 open: self.open,
                 resolver,
                 clock: self.clock,
+                sysfs: self.sysfs,
                 ctx,
                 stop: stop.clone(),
                 wake_tx: wake_tx.clone(),
@@ -290,6 +309,7 @@ struct Runner {
     open: SourceFactory,
     resolver: Option<PodResolver>,
     clock: ClockFn,
+    sysfs: Option<std::path::PathBuf>,
     ctx: CollectorContext,
     stop: Arc<AtomicBool>,
     wake_tx: SyncSender<()>,
@@ -310,7 +330,11 @@ impl Runner {
     }
 
     /// Opens the backend and counts devices, retrying until it works or the collector stops.
-    fn open(&self, wake: &Receiver<()>) -> Option<(Arc<dyn GpuSource>, u32)> {
+    fn open(
+        &self,
+        wake: &Receiver<()>,
+        errors: &mut BTreeMap<&'static str, u64>,
+    ) -> Option<(Arc<dyn GpuSource>, u32)> {
         let retry = dur(self.settings.retry_interval);
         let mut logged = false;
         loop {
@@ -319,6 +343,7 @@ impl Runner {
             }
             let opened = (self.open)().and_then(|s| match s.device_count()? {
                 0 => Err(GpuError::Unavailable {
+                    cause: source::Cause::NoGpu,
                     detail: "NVML sees no GPU".to_owned(),
                 }),
                 n => Ok((s, n)),
@@ -332,9 +357,14 @@ impl Runner {
                 }
                 Err(e) => {
                     self.ctx.status.set_up(false);
+                    *errors.entry(e.reason()).or_insert(0) += 1;
+                    self.ctx
+                        .telemetry
+                        .snapshots
+                        .publish("nvml", vec![poll::errors_family(errors)]);
                     if !logged {
-                        tracing::warn!(error = %e, retry_s = retry.as_secs(),
-                            "NVML collector off (no NVIDIA library, driver or GPU): ark_collector_up{{collector=\"nvml\"}} 0, everything else keeps running");
+                        tracing::warn!(error = %e, reason = e.reason(), retry_s = retry.as_secs(),
+                            "NVML collector off (no NVIDIA library, driver or GPU, or NVML unusable): ark_collector_up{{collector=\"nvml\"}} 0, no GPU is reported broken, everything else keeps running");
                         logged = true;
                     } else {
                         tracing::debug!(error = %e, "NVML still unavailable");
@@ -346,7 +376,8 @@ impl Runner {
     }
 
     fn run(self, wake: &Receiver<()>) {
-        let Some((source, count)) = self.open(wake) else {
+        let mut errors = BTreeMap::new();
+        let Some((source, count)) = self.open(wake, &mut errors) else {
             return;
         };
         let gpus = count.min(self.settings.max_gpus.max(1));
@@ -373,7 +404,13 @@ impl Runner {
             max_processes_per_gpu: self.settings.max_processes_per_gpu,
         };
         let mut poller = match Poller::new(source, gpus, settings, self.resolver.clone()) {
-            Ok(p) => p,
+            Ok(p) => {
+                let p = p.with_errors(errors).with_gpu_map(self.ctx.gpus.clone());
+                match &self.sysfs {
+                    Some(sys) => p.with_sysfs(sys.clone()),
+                    None => p,
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "NVML worker threads could not start");
                 self.ctx.status.set_up(false);
@@ -391,7 +428,9 @@ impl Runner {
             for e in events {
                 self.ctx.events.send(e);
             }
-            self.ctx.status.set_up(true);
+            // NVML as a whole failing (every GPU timed out or unobservable) is the collector's
+            // failure, not the hardware's.
+            self.ctx.status.set_up(poller.any_observable());
             self.ctx.status.set_duration(t0.elapsed().as_secs_f64());
             if self.sleep_until(wake, t0 + interval) {
                 // Woken by an XID (or stop): poll again soon, but never in a tight loop.

@@ -111,7 +111,11 @@ pub fn run(a: NvmlBenchArgs) -> anyhow::Result<()> {
         events = poller.poll(0).len();
         polls.push(t0.elapsed());
     }
-    let up = poller.devices().iter().filter(|d| d.up).count();
+    let up = poller
+        .devices()
+        .iter()
+        .filter(|d| d.up() == Some(true))
+        .count();
 
     let telemetry = Telemetry::new("bench")?;
     telemetry.collector("nvml").set_up(true);

@@ -1,13 +1,22 @@
 //! One polling cycle over every device: each device is sampled on its own worker thread, the
 //! cycle waits for all answers up to the per-device timeout, and whatever did not answer in time
-//! is reported down (`ark_gpu_up 0`, `GPU_LOST`) while the others are reported normally. A hung
-//! NVML call therefore holds up only its own device, and the next cycle does not queue more work
-//! behind it: a worker that is still busy is simply reported as not answering again.
+//! is reported unobservable (`ark_gpu_observable 0`) while the others are reported normally. A
+//! hung NVML call therefore holds up only its own device, and the next cycle does not queue more
+//! work behind it: a worker that is still busy is simply reported as not answering again.
+//!
+//! Cannot observe ≠ broken (docs/nvml.md): `ark_gpu_up 0` and `GPU_LOST` only on evidence —
+//! NVML's explicit "GPU is lost" ([`GpuError::Lost`]) or the GPU's PCI directory gone from sysfs
+//! (`ark_gpu_pci_present 0`; the bus id is remembered from the first good answer and checked
+//! every cycle). Timeouts and software failures (driver/library mismatch, permission, ...) only
+//! clear `ark_gpu_observable`; `ark_gpu_up` then keeps its last evidence: absent after a good
+//! answer, 0 after a loss (a lost GPU stays lost until it answers again).
 //!
 //! [`Poller::poll`] returns the events of the cycle and keeps the state [`Poller::families`]
 //! encodes; the caller publishes and sends them. Tests drive it directly with a recorded source.
 
+use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
@@ -18,7 +27,11 @@ use prometheus::proto::{MetricFamily, MetricType};
 use super::source::{DeviceSample, GpuError, GpuInfo, GpuProcess, GpuSource, THROTTLE_REASONS};
 use super::{PodRef, PodResolver};
 use crate::event::{Event, EventType};
+use crate::gpu_map::{GpuMap, normalize_bdf};
 use crate::metrics::family;
+
+/// `reason` of a GPU whose PCI directory disappeared from sysfs.
+pub const PCI_GONE: &str = "pci_gone";
 
 /// Limits and timeouts of a [`Poller`].
 #[derive(Debug, Clone)]
@@ -28,8 +41,8 @@ pub struct PollSettings {
     /// The same for the first cycle: without persistence mode the driver initialises each GPU
     /// on first use, which can take seconds.
     pub first_timeout: Duration,
-    /// Consecutive timeouts before a silent device is also sent to the graph as `GPU_LOST`
-    /// (`ark_gpu_up` is 0 from the first one). An explicit "lost" answer is sent at once.
+    /// Consecutive timeouts before a silent device is logged as "still unobservable" (once).
+    /// Timeouts no longer make a GPU lost: only NVML's "lost" answer or sysfs do.
     pub lost_after_timeouts: u32,
     /// Processes exported per GPU (largest memory first); the rest are counted only.
     pub max_processes_per_gpu: usize,
@@ -76,16 +89,39 @@ pub struct DeviceState {
     pub processes: Vec<ProcessRow>,
     /// Processes seen before the cap.
     pub processes_total: usize,
-    pub up: bool,
-    /// Why it is down (log reason), `None` while up.
+    /// NVML answered the last poll (a sample, or "lost"): `ark_gpu_observable`.
+    pub observable: bool,
+    /// Evidence that the GPU is gone (NVML said lost, or its PCI directory is gone); cleared by
+    /// the next good answer.
+    pub lost: bool,
+    /// Why it is unobservable or lost ([`GpuError::reason`] or [`PCI_GONE`]), `None` while up.
     pub down_reason: Option<&'static str>,
+    /// Normalised PCI bus id from the first good answer (sysfs form).
+    pub bus_id: Option<String>,
+    /// Its directory in `<sysfs>/bus/pci/devices` exists; `None` when unknown (no bus id yet,
+    /// no sysfs configured, or the directory listing itself unreadable).
+    pub pci_present: Option<bool>,
     pub sample_seconds: Option<f64>,
     /// Last uncorrected ECC count seen, to emit `ECC_DBE` on increases only.
     last_uncorrected: Option<u64>,
     /// Consecutive cycles without an answer in time.
     timeouts: u32,
-    /// Has the device been seen at all (a device down from the start still gets `up 0`).
+    /// Has the device been polled at all.
     seen: bool,
+}
+
+impl DeviceState {
+    /// `ark_gpu_up`: `Some(false)` on evidence of loss, `Some(true)` while NVML answers, `None`
+    /// (absent) while unobservable without evidence.
+    pub fn up(&self) -> Option<bool> {
+        if self.lost {
+            Some(false)
+        } else if self.observable {
+            Some(true)
+        } else {
+            None
+        }
+    }
 }
 
 /// See the module docs.
@@ -98,6 +134,12 @@ pub struct Poller {
     devices: Vec<DeviceState>,
     driver_version: String,
     cycle: u64,
+    /// sysfs root for the PCI presence check; `None`: not checked.
+    sysfs: Option<PathBuf>,
+    /// Filled with bus id → index from the first good answer of each GPU.
+    gpu_map: Option<GpuMap>,
+    /// `ark_nvml_errors_total{reason}`.
+    errors: BTreeMap<&'static str, u64>,
 }
 
 impl std::fmt::Debug for Poller {
@@ -162,6 +204,16 @@ fn ev(ts: i64, t: EventType, gpu: u32, pid: Option<u32>, value: String) -> Event
     }
 }
 
+/// Is `bdf`'s directory in `<sysfs>/bus/pci/devices`? `None` when it cannot be told (no sysfs
+/// root, or the device list itself unreadable: a missing `/sys` mount is no evidence about a GPU).
+fn pci_present(sysfs: Option<&std::path::Path>, bdf: &str) -> Option<bool> {
+    let devices = sysfs?.join("bus/pci/devices");
+    std::fs::symlink_metadata(&devices)
+        .ok()
+        .filter(|m| m.is_dir())?;
+    Some(std::fs::symlink_metadata(devices.join(bdf)).is_ok())
+}
+
 fn non_empty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_owned())
 }
@@ -187,7 +239,34 @@ impl Poller {
             answers,
             devices: vec![DeviceState::default(); devices as usize],
             cycle: 0,
+            sysfs: None,
+            gpu_map: None,
+            errors: BTreeMap::new(),
         })
+    }
+
+    /// Checks each GPU's `<sysfs>/bus/pci/devices/<bdf>` every cycle (`[host] sysfs`).
+    pub fn with_sysfs(mut self, sysfs: impl Into<PathBuf>) -> Self {
+        self.sysfs = Some(sysfs.into());
+        self
+    }
+
+    /// Fills `map` with each GPU's bus id → index (the kernel log reads it).
+    pub fn with_gpu_map(mut self, map: GpuMap) -> Self {
+        self.gpu_map = Some(map);
+        self
+    }
+
+    /// Starts `ark_nvml_errors_total` from counts seen before the poller existed (opening NVML).
+    pub fn with_errors(mut self, errors: BTreeMap<&'static str, u64>) -> Self {
+        self.errors = errors;
+        self
+    }
+
+    /// NVML answered for at least one device in the last cycle: the collector works. `false`
+    /// when every device timed out or failed for a software reason (`ark_collector_up 0`).
+    pub fn any_observable(&self) -> bool {
+        self.devices.iter().any(|d| d.observable)
     }
 
     pub fn devices(&self) -> &[DeviceState] {
@@ -263,40 +342,73 @@ impl Poller {
         events: &mut Vec<Event>,
     ) {
         let max_procs = self.settings.max_processes_per_gpu;
-        let lost_after = self.settings.lost_after_timeouts.max(1);
+        let quiet_after = self.settings.lost_after_timeouts.max(1);
         let resolver = self.resolver.clone();
+        if let Err(e) = &result {
+            *self.errors.entry(e.reason()).or_insert(0) += 1;
+        }
+        // sysfs first: a GPU whose PCI directory is gone is lost whatever NVML says.
+        let sysfs = self.sysfs.as_deref();
+        let pci = self.devices[gpu as usize]
+            .bus_id
+            .as_deref()
+            .and_then(|b| pci_present(sysfs, b));
+        let result = match (pci, result) {
+            (Some(false), r) => Err((r.is_ok() || matches!(r, Err(GpuError::Lost { .. })), None)),
+            (_, Ok(s)) => Ok(s),
+            (_, Err(e)) => Err((matches!(e, GpuError::Lost { .. }), Some(e))),
+        };
         let st = &mut self.devices[gpu as usize];
         st.sample_seconds = took.map(|d| d.as_secs_f64());
-        let was_up = st.up;
+        st.pci_present = pci;
+        let was_lost = st.lost;
+        let was_observable = st.observable;
         let seen_before = st.seen;
         st.seen = true;
         let mut s = match result {
             Ok(s) => s,
-            Err(e) => {
-                if was_up || !seen_before {
-                    tracing::warn!(gpu, reason = e.reason(), error = %e,
-                        "GPU not answering: ark_gpu_up 0, GPU_LOST sent to the causal graph");
-                }
-                st.up = false;
-                st.down_reason = Some(e.reason());
+            Err((answered, e)) => {
+                st.observable = answered;
                 st.sample = None;
                 st.processes.clear();
                 st.processes_total = 0;
-                st.timeouts = if matches!(e, GpuError::Timeout { .. }) {
-                    st.timeouts.saturating_add(1)
-                } else {
-                    0
+                let evidence = match &e {
+                    None => Some(PCI_GONE),
+                    Some(e @ GpuError::Lost { .. }) => Some(e.reason()),
+                    Some(_) => None,
                 };
-                // A slow answer is not yet a lost GPU for the graph (its consumers would all be
-                // marked blocked); a device that stays silent, or says it is lost, is.
-                // Re-sent every cycle while down, so the BlockedBy edge lives as long as the fault.
-                if st.timeouts == 0 || st.timeouts >= lost_after {
+                if let Some(reason) = evidence {
+                    if !was_lost {
+                        tracing::warn!(gpu, reason, error = ?e.as_ref().map(ToString::to_string),
+                            "GPU lost: ark_gpu_up 0, GPU_LOST sent to the causal graph");
+                    }
+                    st.lost = true;
+                    st.timeouts = 0;
+                    st.down_reason = Some(reason);
+                } else if let Some(e) = e {
+                    // Cannot observe ≠ broken: no ark_gpu_up 0, no GPU_LOST; a GPU lost before
+                    // stays lost (the evidence stands until a good answer).
+                    st.timeouts = if matches!(e, GpuError::Timeout { .. }) {
+                        st.timeouts.saturating_add(1)
+                    } else {
+                        0
+                    };
+                    if was_observable || !seen_before || st.timeouts == quiet_after {
+                        tracing::warn!(gpu, reason = e.reason(), error = %e, timeouts = st.timeouts,
+                            "GPU cannot be observed: ark_gpu_observable 0 (not a hardware fault: ark_gpu_up is not set to 0)");
+                    }
+                    if !st.lost {
+                        st.down_reason = Some(e.reason());
+                    }
+                }
+                // Re-sent every cycle while lost, so the BlockedBy edge lives as long as the fault.
+                if st.lost {
                     events.push(ev(ts, EventType::ErrorHw, gpu, None, "GPU_LOST".to_owned()));
                 }
                 return;
             }
         };
-        if !was_up && seen_before {
+        if was_lost {
             tracing::info!(gpu, "GPU answers again: ark_gpu_up 1");
             // Clears the GPU's BlockedBy edge: it was reset or came back by itself.
             events.push(ev(
@@ -306,10 +418,20 @@ impl Poller {
                 None,
                 "recovered".to_owned(),
             ));
+        } else if !was_observable && seen_before {
+            tracing::info!(gpu, "GPU observable again");
         }
-        st.up = true;
+        st.observable = true;
+        st.lost = false;
         st.down_reason = None;
         st.timeouts = 0;
+        if st.bus_id.is_none() {
+            st.bus_id = normalize_bdf(&s.info.pci_bus_id);
+            if let (Some(b), Some(map)) = (&st.bus_id, &self.gpu_map) {
+                map.insert(b, gpu);
+            }
+            st.pci_present = st.bus_id.as_deref().and_then(|b| pci_present(sysfs, b));
+        }
         st.info = Some(s.info.clone());
 
         // Processes: largest memory first under the cap, then by pid for stable output.
@@ -419,9 +541,11 @@ impl Poller {
         st.sample = Some(s);
     }
 
-    /// The `nvml` snapshot: every per-GPU family except the XID ones.
+    /// The `nvml` snapshot: every per-GPU family except the XID ones, and the error counter.
     pub fn families(&self) -> Vec<MetricFamily> {
-        families(&self.devices, &self.driver_version)
+        let mut f = families(&self.devices, &self.driver_version);
+        f.push(errors_family(&self.errors));
+        f
     }
 }
 
@@ -439,10 +563,25 @@ fn b(x: bool) -> f64 {
     if x { 1.0 } else { 0.0 }
 }
 
+/// `ark_nvml_errors_total{reason}` (bounded: [`GpuError::reason`] values).
+pub fn errors_family(errors: &BTreeMap<&'static str, u64>) -> MetricFamily {
+    family(
+        "ark_nvml_errors_total",
+        "NVML failures by class (per device and cycle, and when opening NVML); only gpu_lost is about the hardware.",
+        MetricType::COUNTER,
+        errors
+            .iter()
+            .map(|(r, n)| (vec![("reason", (*r).to_owned())], *n as f64))
+            .collect::<Vec<Row>>(),
+    )
+}
+
 /// Builds the per-GPU families from device states (pure; the bench times this plus encoding).
 pub fn families(devices: &[DeviceState], driver_version: &str) -> Vec<MetricFamily> {
     let mut info: Vec<Row> = Vec::new();
     let mut up: Vec<Row> = Vec::new();
+    let mut observable: Vec<Row> = Vec::new();
+    let mut pci: Vec<Row> = Vec::new();
     let mut util: Vec<Row> = Vec::new();
     let mut mem_used: Vec<Row> = Vec::new();
     let mut mem_total: Vec<Row> = Vec::new();
@@ -476,11 +615,17 @@ pub fn families(devices: &[DeviceState], driver_version: &str) -> Vec<MetricFami
                 1.0,
             ));
         }
-        up.push((gpu_l(g), b(d.up)));
+        if let Some(u) = d.up() {
+            up.push((gpu_l(g), b(u)));
+        }
+        observable.push((gpu_l(g), b(d.observable)));
+        if let Some(p) = d.pci_present {
+            pci.push((gpu_l(g), b(p)));
+        }
         if let Some(t) = d.sample_seconds {
             took.push((gpu_l(g), t));
         }
-        let Some(s) = d.sample.as_ref().filter(|_| d.up) else {
+        let Some(s) = d.sample.as_ref().filter(|_| d.up() == Some(true)) else {
             continue;
         };
         let opt = |rows: &mut Vec<Row>, v: Option<f64>| {
@@ -549,7 +694,9 @@ pub fn families(devices: &[DeviceState], driver_version: &str) -> Vec<MetricFami
     use MetricType::{COUNTER, GAUGE};
     [
         ("ark_gpu_info", "GPU identity (value 1; last known while the GPU is down).", GAUGE, info),
-        ("ark_gpu_up", "1 when the GPU answered NVML in the last poll, 0 when it is lost or hung.", GAUGE, up),
+        ("ark_gpu_up", "1 when the GPU answered NVML, 0 only on evidence it is gone (NVML GPU_IS_LOST or its PCI device gone); absent while it cannot be observed.", GAUGE, up),
+        ("ark_gpu_observable", "1 when NVML answered for the GPU in the last poll, 0 when it timed out or failed for a software reason (cannot observe is not broken).", GAUGE, observable),
+        ("ark_gpu_pci_present", "1 while the GPU's PCI device directory exists in sysfs, 0 once it is gone (fallen off the bus).", GAUGE, pci),
         ("ark_gpu_utilization_ratio", "Fraction of the last sample period a kernel ran on the GPU.", GAUGE, util),
         ("ark_gpu_memory_used_bytes", "GPU memory in use.", GAUGE, mem_used),
         ("ark_gpu_memory_total_bytes", "GPU memory installed.", GAUGE, mem_total),
@@ -648,7 +795,7 @@ mod tests {
             );
         }
         assert!(values(&ev1, 0, EventType::ErrorHw).is_empty());
-        assert!(p.devices().iter().all(|d| d.up));
+        assert!(p.devices().iter().all(|d| d.up() == Some(true)));
 
         let ev2 = p.poll(2_000);
         // gpu 3 lost: GPU_LOST, no more utilisation from it; the ECC count did not grow.
@@ -656,8 +803,9 @@ mod tests {
         assert!(values(&ev2, 3, EventType::ComputeUtil).is_empty());
         assert!(values(&ev2, 1, EventType::ErrorHw).is_empty());
         let d3 = &p.devices()[3];
-        assert!(!d3.up);
-        assert_eq!(d3.down_reason, Some("lost"));
+        assert_eq!(d3.up(), Some(false));
+        assert!(d3.observable, "NVML answered: the GPU is lost");
+        assert_eq!(d3.down_reason, Some("gpu_lost"));
 
         let f = p.families();
         assert_eq!(value(&f, "ark_gpu_up", &[("gpu", "3")]), Some(0.0));
@@ -740,12 +888,20 @@ mod tests {
         let mut p = poller(src, 3, settings);
         for cycle in 0..4 {
             let ev = p.poll(cycle);
-            let up: Vec<bool> = p.devices().iter().map(|d| d.up).collect();
-            assert_eq!(up, [true, false, true], "cycle {cycle}");
+            let up: Vec<Option<bool>> = p.devices().iter().map(DeviceState::up).collect();
+            // Cannot observe ≠ broken: a hung GPU is unobservable, never up 0 nor GPU_LOST.
+            assert_eq!(up, [Some(true), None, Some(true)], "cycle {cycle}");
+            assert!(!p.devices()[1].observable);
             assert_eq!(p.devices()[1].down_reason, Some("timeout"));
-            // Down on /metrics at once; GPU_LOST for the graph from the third silent cycle on.
-            let lost: &[&str] = if cycle >= 2 { &["GPU_LOST"] } else { &[] };
-            assert_eq!(values(&ev, 1, EventType::ErrorHw), lost, "cycle {cycle}");
+            assert!(
+                values(&ev, 1, EventType::ErrorHw).is_empty(),
+                "cycle {cycle}"
+            );
+            let f = p.families();
+            assert_eq!(value(&f, "ark_gpu_up", &[("gpu", "1")]), None);
+            assert_eq!(value(&f, "ark_gpu_observable", &[("gpu", "1")]), Some(0.0));
+            assert_eq!(value(&f, "ark_gpu_observable", &[("gpu", "0")]), Some(1.0));
+            assert!(p.any_observable());
             assert!(!values(&ev, 0, EventType::ComputeUtil).is_empty());
         }
         gate.release();
@@ -753,8 +909,10 @@ mod tests {
         let mut recovered = false;
         for cycle in 3..200 {
             let ev = p.poll(cycle);
-            if p.devices()[1].up {
-                assert_eq!(values(&ev, 1, EventType::ErrorHw), ["recovered"]);
+            if p.devices()[1].observable {
+                // It was never lost, so there is no BlockedBy edge to clear.
+                assert!(values(&ev, 1, EventType::ErrorHw).is_empty());
+                assert_eq!(p.devices()[1].up(), Some(true));
                 recovered = true;
                 break;
             }
@@ -872,15 +1030,188 @@ mod tests {
         }
         let mut p = Poller::new(Arc::new(Panics), 1, PollSettings::default(), None).unwrap();
         let ev = p.poll(1);
-        assert_eq!(values(&ev, 0, EventType::ErrorHw), ["GPU_LOST"]);
+        // A binding bug is ours, not the GPU's: unobservable, no GPU_LOST, no up 0.
+        assert!(values(&ev, 0, EventType::ErrorHw).is_empty());
         let f = p.families();
-        assert_eq!(value(&f, "ark_gpu_up", &[("gpu", "0")]), Some(0.0));
+        assert_eq!(value(&f, "ark_gpu_up", &[("gpu", "0")]), None);
+        assert_eq!(value(&f, "ark_gpu_observable", &[("gpu", "0")]), Some(0.0));
+        assert!(!p.any_observable());
         assert!(
             rows(&f, "ark_gpu_info").is_empty(),
             "no identity was ever read"
         );
         // The worker survived the panic and is asked again.
+        p.poll(2);
+        let f = p.families();
+        assert_eq!(
+            value(&f, "ark_nvml_errors_total", &[("reason", "call_failed")]),
+            Some(2.0)
+        );
+    }
+
+    /// Every software-side failure class: unobservable, counted by reason, never up 0 or
+    /// GPU_LOST; the collector is down only while no GPU answers.
+    #[test]
+    fn software_failures_make_a_gpu_unobservable_never_down() {
+        use super::super::source::Cause;
+        let causes = [
+            Cause::DriverMismatch,
+            Cause::NoPermission,
+            Cause::NotSupported,
+            Cause::Uninitialized,
+            Cause::DriverNotLoaded,
+            Cause::FunctionNotFound,
+            Cause::Other,
+        ];
+        for cause in causes {
+            let src = RecordedSource::new(2);
+            src.answer(0, h100(0, &[]));
+            src.answer(1, h100(1, &[(77, 1 << 30)]));
+            src.fail(
+                1,
+                GpuError::Unobservable {
+                    gpu: 1,
+                    cause,
+                    detail: "stub".to_owned(),
+                },
+            );
+            let mut p = poller(src, 2, PollSettings::default());
+            p.poll(1);
+            for cycle in 2..5 {
+                let ev = p.poll(cycle);
+                assert!(values(&ev, 1, EventType::ErrorHw).is_empty(), "{cause:?}");
+                // No utilisation or process events from what cannot be read.
+                assert!(
+                    values(&ev, 1, EventType::ComputeUtil).is_empty(),
+                    "{cause:?}"
+                );
+            }
+            let f = p.families();
+            assert_eq!(value(&f, "ark_gpu_up", &[("gpu", "1")]), None, "{cause:?}");
+            assert_eq!(value(&f, "ark_gpu_up", &[("gpu", "0")]), Some(1.0));
+            assert_eq!(value(&f, "ark_gpu_observable", &[("gpu", "1")]), Some(0.0));
+            assert_eq!(
+                value(&f, "ark_nvml_errors_total", &[("reason", cause.label())]),
+                Some(3.0),
+                "{cause:?}"
+            );
+            // Identity stays, stale gauges go.
+            assert!(value(&f, "ark_gpu_info", &[("gpu", "1")]).is_some());
+            assert_eq!(
+                value(&f, "ark_gpu_utilization_ratio", &[("gpu", "1")]),
+                None
+            );
+            assert!(p.any_observable(), "gpu 0 still answers");
+        }
+        // NVML failing for every GPU: the collector's failure (collector_up 0 in the runner).
+        let src = RecordedSource::new(1);
+        src.fail(
+            0,
+            GpuError::Unobservable {
+                gpu: 0,
+                cause: Cause::DriverMismatch,
+                detail: "Driver/library version mismatch".to_owned(),
+            },
+        );
+        let mut p = poller(src, 1, PollSettings::default());
+        p.poll(1);
+        assert!(!p.any_observable());
+        assert_eq!(value(&p.families(), "ark_gpu_up", &[("gpu", "0")]), None);
+    }
+
+    /// A lost GPU stays lost (up 0, GPU_LOST every cycle) while it is unobservable afterwards,
+    /// and a good answer clears it with `recovered`.
+    #[test]
+    fn evidence_of_loss_stands_until_a_good_answer() {
+        let src = RecordedSource::new(1);
+        src.fail(
+            0,
+            GpuError::Lost {
+                gpu: 0,
+                detail: "GPU is lost".to_owned(),
+            },
+        );
+        src.fail(
+            0,
+            GpuError::Timeout {
+                gpu: 0,
+                timeout_ms: 1,
+            },
+        );
+        src.answer(0, h100(0, &[]));
+        let mut p = poller(src, 1, PollSettings::default());
+        let ev = p.poll(1);
+        assert_eq!(values(&ev, 0, EventType::ErrorHw), ["GPU_LOST"]);
+        assert_eq!(p.devices()[0].up(), Some(false));
+        assert!(
+            p.any_observable(),
+            "NVML answered \"lost\": the collector works"
+        );
         let ev = p.poll(2);
         assert_eq!(values(&ev, 0, EventType::ErrorHw), ["GPU_LOST"]);
+        assert_eq!(
+            value(&p.families(), "ark_gpu_up", &[("gpu", "0")]),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&p.families(), "ark_gpu_observable", &[("gpu", "0")]),
+            Some(0.0)
+        );
+        let ev = p.poll(3);
+        assert_eq!(values(&ev, 0, EventType::ErrorHw), ["recovered"]);
+        assert_eq!(
+            value(&p.families(), "ark_gpu_up", &[("gpu", "0")]),
+            Some(1.0)
+        );
+    }
+
+    /// The PCI directory gone from sysfs is evidence (up 0, pci_present 0, GPU_LOST) whatever
+    /// NVML answers; no sysfs at all is no evidence. The bus id → index map is filled.
+    #[test]
+    fn a_gpu_gone_from_sysfs_is_lost_and_a_missing_sysfs_is_not_evidence() {
+        let d = tempfile::tempdir().unwrap();
+        let devs = d.path().join("bus/pci/devices");
+        std::fs::create_dir_all(devs.join("0000:18:00.0")).unwrap();
+        std::fs::create_dir_all(devs.join("0000:28:00.0")).unwrap();
+        let src = RecordedSource::new(2);
+        src.answer(0, h100(0, &[]));
+        src.answer(1, h100(1, &[]));
+        src.fail(
+            1,
+            GpuError::Timeout {
+                gpu: 1,
+                timeout_ms: 1,
+            },
+        );
+        let map = GpuMap::default();
+        let mut p = poller(src, 2, PollSettings::default())
+            .with_sysfs(d.path())
+            .with_gpu_map(map.clone());
+        p.poll(1);
+        assert_eq!(map.index("00000000:28:00.0"), Some(1));
+        assert_eq!(map.index("0000:18:00.0"), Some(0));
+        assert_eq!(
+            value(&p.families(), "ark_gpu_pci_present", &[("gpu", "1")]),
+            Some(1.0)
+        );
+        // Timing out with its PCI device present: unobservable only.
+        p.poll(2);
+        let f = p.families();
+        assert_eq!(value(&f, "ark_gpu_pci_present", &[("gpu", "1")]), Some(1.0));
+        assert_eq!(value(&f, "ark_gpu_up", &[("gpu", "1")]), None);
+        std::fs::remove_dir(devs.join("0000:28:00.0")).unwrap();
+        let ev = p.poll(3);
+        assert_eq!(values(&ev, 1, EventType::ErrorHw), ["GPU_LOST"]);
+        let f = p.families();
+        assert_eq!(value(&f, "ark_gpu_up", &[("gpu", "1")]), Some(0.0));
+        assert_eq!(value(&f, "ark_gpu_pci_present", &[("gpu", "1")]), Some(0.0));
+        assert_eq!(p.devices()[1].down_reason, Some(PCI_GONE));
+        assert_eq!(value(&f, "ark_gpu_up", &[("gpu", "0")]), Some(1.0));
+        // sysfs unmounted: nothing is known, nothing is lost.
+        std::fs::remove_dir_all(d.path().join("bus")).unwrap();
+        p.poll(4);
+        let f = p.families();
+        assert_eq!(value(&f, "ark_gpu_up", &[("gpu", "0")]), Some(1.0));
+        assert_eq!(value(&f, "ark_gpu_pci_present", &[("gpu", "0")]), None);
     }
 }

@@ -1,11 +1,16 @@
 //! The real [`GpuSource`]: NVML through `nvml-wrapper`, which `dlopen`s `libnvidia-ml.so` at run
 //! time, so this builds and starts on machines without a GPU (it then fails to open, cleanly).
 //!
-//! Error policy, per call: errors that say the device is gone (`GpuLost`, `ResetRequired`, the
-//! driver unloaded or replaced, an IRQ problem) make the whole sample `Err(Lost)`; anything else
-//! (`NotSupported`, `NoPermission`, a symbol missing from an older driver, ...) only leaves that
-//! part of the sample empty. `memory_info` is the anchor: every GPU supports it, so when it fails
-//! for any reason other than "not supported" the device is treated as not answering.
+//! Error policy, per call ("cannot observe ≠ broken", docs/nvml.md):
+//! - `GpuLost` / `ResetRequired` — NVML's own statement that the device is gone — make the whole
+//!   sample `Err(Lost)`: the only evidence NVML gives about the hardware;
+//! - errors that say NVML cannot be used right now (driver not loaded, driver/library version
+//!   mismatch, uninitialized) make the sample `Err(Unobservable)`: nothing is known about the GPU;
+//! - anything else (`NotSupported`, `NoPermission`, a symbol missing from an older driver, ...)
+//!   only leaves that part of the sample empty.
+//!
+//! `memory_info` is the anchor: every GPU supports it, so when it fails the whole device is
+//! unobservable with that error's [`Cause`] (lost only for `GpuLost` / `ResetRequired`).
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -28,8 +33,8 @@ use nvml_wrapper::sys_exports::field_id::{
 };
 
 use super::source::{
-    ALL_THROTTLE_BITS, DeviceSample, Ecc, GpuError, GpuInfo, GpuProcess, GpuSource, MAX_NVLINKS,
-    Pcie, ProcessKind, RemappedRows, RetiredPages, Throttle, XidEvent,
+    ALL_THROTTLE_BITS, Cause, DeviceSample, Ecc, GpuError, GpuInfo, GpuProcess, GpuSource,
+    MAX_NVLINKS, Pcie, ProcessKind, RemappedRows, RetiredPages, Throttle, XidEvent,
 };
 use crate::ratelimit::LogLimiter;
 
@@ -53,27 +58,58 @@ impl std::fmt::Debug for NvmlSource {
     }
 }
 
-/// Errors after which the device is considered gone.
+/// NVML's own statement that the device is gone: evidence, `ark_gpu_up 0`.
 fn is_lost(e: &NvmlError) -> bool {
+    matches!(e, NvmlError::GpuLost | NvmlError::ResetRequired)
+}
+
+/// Errors after which nothing on the device can be read (NVML itself is unusable right now).
+fn is_unobservable(e: &NvmlError) -> bool {
     matches!(
         e,
-        NvmlError::GpuLost
-            | NvmlError::ResetRequired
-            | NvmlError::Uninitialized
+        NvmlError::Uninitialized
             | NvmlError::DriverNotLoaded
             | NvmlError::LibRmVersionMismatch
             | NvmlError::IrqIssue
+            | NvmlError::Timeout
     )
 }
 
-/// Per-call policy: lost → the sample fails; anything else → this part is absent.
+/// The bounded class of an NVML error (the `reason` label).
+pub fn cause_of(e: &NvmlError) -> Cause {
+    match e {
+        NvmlError::LibloadingError(_) | NvmlError::LibraryNotFound => Cause::LibraryNotFound,
+        NvmlError::FailedToLoadSymbol(_) | NvmlError::FunctionNotFound => Cause::FunctionNotFound,
+        NvmlError::LibRmVersionMismatch => Cause::DriverMismatch,
+        NvmlError::DriverNotLoaded => Cause::DriverNotLoaded,
+        NvmlError::NoPermission => Cause::NoPermission,
+        NvmlError::NotSupported => Cause::NotSupported,
+        NvmlError::Uninitialized => Cause::Uninitialized,
+        _ => Cause::Other,
+    }
+}
+
+/// A failed call that ends the sample: lost on evidence, unobservable otherwise.
+fn device_error(gpu: u32, e: &NvmlError) -> GpuError {
+    if is_lost(e) {
+        GpuError::Lost {
+            gpu,
+            detail: e.to_string(),
+        }
+    } else {
+        GpuError::Unobservable {
+            gpu,
+            cause: cause_of(e),
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// Per-call policy: lost or unobservable → the sample fails; anything else → this part is absent.
 fn opt<T>(gpu: u32, r: Result<T, NvmlError>) -> Result<Option<T>, GpuError> {
     match r {
         Ok(v) => Ok(Some(v)),
-        Err(e) if is_lost(&e) => Err(GpuError::Lost {
-            gpu,
-            detail: e.to_string(),
-        }),
+        Err(e) if is_lost(&e) || is_unobservable(&e) => Err(device_error(gpu, &e)),
         Err(_) => Ok(None),
     }
 }
@@ -108,7 +144,8 @@ fn processes(out: &mut Vec<GpuProcess>, list: Vec<ProcessInfo>, kind: ProcessKin
 
 impl NvmlSource {
     /// Loads the library (`library`, else `libnvidia-ml.so` from the loader path) and initialises
-    /// NVML. Fails with [`GpuError::Unavailable`] when there is no library, driver or permission.
+    /// NVML. Fails with [`GpuError::Unavailable`] (and the error's [`Cause`]) when there is no
+    /// library, driver or permission, or the driver and library versions differ.
     pub fn open(library: Option<&Path>) -> Result<NvmlSource, GpuError> {
         let mut b = Nvml::builder();
         if let Some(p) = library {
@@ -117,6 +154,10 @@ impl NvmlSource {
             b.lib_path(OsStr::new(DEFAULT_LIBRARY));
         }
         let nvml = b.init().map_err(|e| GpuError::Unavailable {
+            cause: match cause_of(&e) {
+                Cause::Other => Cause::InitFailed,
+                c => c,
+            },
             detail: format!(
                 "{} ({e})",
                 library.map_or(DEFAULT_LIBRARY.to_owned(), |p| p.display().to_string())
@@ -135,10 +176,10 @@ impl NvmlSource {
             detail: e.to_string(),
         })?;
         for &i in devices {
-            let dev = self.nvml.device_by_index(i).map_err(|e| GpuError::Lost {
-                gpu: i,
-                detail: e.to_string(),
-            })?;
+            let dev = self
+                .nvml
+                .device_by_index(i)
+                .map_err(|e| device_error(i, &e))?;
             set = dev
                 .register_events(EventTypes::CRITICAL_XID_ERROR, set)
                 .map_err(|e| GpuError::Call {
@@ -156,17 +197,17 @@ impl GpuSource for NvmlSource {
     }
 
     fn device_count(&self) -> Result<u32, GpuError> {
-        self.nvml.device_count().map_err(|e| GpuError::Call {
-            call: "nvmlDeviceGetCount",
-            detail: e.to_string(),
+        self.nvml.device_count().map_err(|e| GpuError::Unavailable {
+            cause: cause_of(&e),
+            detail: format!("nvmlDeviceGetCount: {e}"),
         })
     }
 
     fn sample(&self, gpu: u32) -> Result<DeviceSample, GpuError> {
-        let dev = self.nvml.device_by_index(gpu).map_err(|e| GpuError::Lost {
-            gpu,
-            detail: e.to_string(),
-        })?;
+        let dev = self
+            .nvml
+            .device_by_index(gpu)
+            .map_err(|e| device_error(gpu, &e))?;
         let mut s = DeviceSample::default();
         match dev.memory_info() {
             Ok(m) => {
@@ -174,12 +215,7 @@ impl GpuSource for NvmlSource {
                 s.memory_total_bytes = Some(m.total);
             }
             Err(NvmlError::NotSupported) => {}
-            Err(e) => {
-                return Err(GpuError::Lost {
-                    gpu,
-                    detail: e.to_string(),
-                });
-            }
+            Err(e) => return Err(device_error(gpu, &e)),
         }
         s.info = GpuInfo {
             uuid: opt(gpu, dev.uuid())?.unwrap_or_default(),
@@ -188,6 +224,15 @@ impl GpuSource for NvmlSource {
                 .map(|p| p.bus_id)
                 .unwrap_or_default(),
         };
+        // A device that answers "not supported" even to its memory size and UUID (every GPU has
+        // both) cannot be observed: an empty sample would read as a healthy idle GPU.
+        if s.memory_total_bytes.is_none() && s.info.uuid.is_empty() {
+            return Err(GpuError::Unobservable {
+                gpu,
+                cause: Cause::NotSupported,
+                detail: "neither memory size nor UUID readable".to_owned(),
+            });
+        }
         s.utilization_ratio =
             opt(gpu, dev.utilization_rates())?.map(|u| f64::from(u.gpu.min(100)) / 100.0);
         s.temperature_celsius = opt(gpu, dev.temperature(TemperatureSensor::Gpu))?.map(f64::from);

@@ -26,32 +26,98 @@ pub const THROTTLE_REASONS: [(u64, &str); 10] = [
 /// Every throttle bit we know.
 pub const ALL_THROTTLE_BITS: u64 = 0x3ff;
 
-/// Why a device or the library did not answer.
+/// Why NVML could not be asked: the bounded `reason` label of `ark_nvml_errors_total`. Every
+/// class here is about software (library, driver, permissions, API support), never about the
+/// hardware: a GPU that cannot be observed for one of these reasons is `ark_gpu_observable 0`,
+/// not `ark_gpu_up 0` ("cannot observe ≠ broken", docs/nvml.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Cause {
+    /// `libnvidia-ml.so` could not be loaded.
+    LibraryNotFound,
+    /// A symbol the call needs is missing from the library (`NVML_ERROR_FUNCTION_NOT_FOUND`).
+    FunctionNotFound,
+    /// `nvmlInit` failed for another reason.
+    InitFailed,
+    /// Driver and library versions differ (`NVML_ERROR_LIB_RM_VERSION_MISMATCH`, e.g. after a
+    /// driver upgrade without a reboot).
+    DriverMismatch,
+    /// The kernel driver is not loaded.
+    DriverNotLoaded,
+    /// `NVML_ERROR_NO_PERMISSION`.
+    NoPermission,
+    /// `NVML_ERROR_NOT_SUPPORTED` on a call every GPU supports.
+    NotSupported,
+    /// `NVML_ERROR_UNINITIALIZED`.
+    Uninitialized,
+    /// NVML works but sees no GPU.
+    NoGpu,
+    /// Any other NVML error code.
+    Other,
+}
+
+impl Cause {
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Cause::LibraryNotFound => "library_not_found",
+            Cause::FunctionNotFound => "function_not_found",
+            Cause::InitFailed => "init_failed",
+            Cause::DriverMismatch => "driver_mismatch",
+            Cause::DriverNotLoaded => "driver_not_loaded",
+            Cause::NoPermission => "no_permission",
+            Cause::NotSupported => "not_supported",
+            Cause::Uninitialized => "uninitialized",
+            Cause::NoGpu => "no_gpu",
+            Cause::Other => "other",
+        }
+    }
+}
+
+/// Why a device or the library did not answer. Only [`GpuError::Lost`] is evidence about the
+/// hardware; every other variant means "cannot observe".
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GpuError {
-    /// No `libnvidia-ml.so`, no driver, no permission, or no GPU: the collector reports `up 0`.
-    #[error("NVML unavailable: {detail}")]
-    Unavailable { detail: String },
-    /// The device stopped answering (`NVML_ERROR_GPU_IS_LOST`, reset required, driver gone, ...).
+    /// NVML as a whole cannot be used (no library, init failure, driver/library mismatch, no
+    /// permission, no GPU): `ark_collector_up{collector="nvml"} 0`, no GPU is called broken.
+    #[error("NVML unavailable ({}): {detail}", cause.label())]
+    Unavailable { cause: Cause, detail: String },
+    /// NVML says the device is gone (`NVML_ERROR_GPU_IS_LOST`, `NVML_ERROR_RESET_REQUIRED`):
+    /// the only NVML answer that sets `ark_gpu_up 0` and sends `GPU_LOST` to the graph.
     #[error("GPU {gpu} lost: {detail}")]
     Lost { gpu: u32, detail: String },
-    /// The device did not answer within the per-device timeout (its worker is still stuck).
+    /// The device did not answer within the per-device timeout (its worker is still stuck):
+    /// unobservable, not lost (a hung driver call is not a fallen GPU).
     #[error("GPU {gpu} did not answer within {timeout_ms} ms")]
     Timeout { gpu: u32, timeout_ms: u64 },
-    /// A call that is not about one device failed (event set, device count).
+    /// The device's calls fail for a software reason (see [`Cause`]): unobservable, not lost.
+    #[error("GPU {gpu} cannot be observed ({}): {detail}", cause.label())]
+    Unobservable {
+        gpu: u32,
+        cause: Cause,
+        detail: String,
+    },
+    /// A call that is not about one device failed (event set, device count), or the binding
+    /// panicked.
     #[error("NVML call {call} failed: {detail}")]
     Call { call: &'static str, detail: String },
 }
 
 impl GpuError {
-    /// Short, bounded reason for logs.
+    /// Short, bounded reason: logs and the `reason` label of `ark_nvml_errors_total`.
     pub fn reason(&self) -> &'static str {
         match self {
-            GpuError::Unavailable { .. } => "unavailable",
-            GpuError::Lost { .. } => "lost",
+            GpuError::Unavailable { cause, .. } | GpuError::Unobservable { cause, .. } => {
+                cause.label()
+            }
+            GpuError::Lost { .. } => "gpu_lost",
             GpuError::Timeout { .. } => "timeout",
             GpuError::Call { .. } => "call_failed",
         }
+    }
+
+    /// Evidence that the GPU itself is gone (as opposed to "NVML could not tell").
+    pub fn is_evidence(&self) -> bool {
+        matches!(self, GpuError::Lost { .. })
     }
 }
 
