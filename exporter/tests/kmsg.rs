@@ -270,3 +270,54 @@ fn real_dev_kmsg_ignores_userspace_records() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Every fixture through the collector's state: the metric families it publishes, compared with
+/// `tests/golden/kmsg_metrics.txt` (sorted; the timestamp values masked, since yearless journal
+/// lines take the current year). The golden file is also what ties the kernel-log metric names
+/// the alerts use to the exporter (`tests/tests/alerts.rs::metric_names_are_in_the_contract`).
+/// Regenerate: `ARK_UPDATE_GOLDEN=1 cargo test -p ark-exporter --test kmsg golden`.
+#[test]
+fn golden_metrics_of_every_fixture() {
+    use ark_exporter::collectors::kmsg::state::{KmsgState, Lookup};
+    use ark_exporter::gpu_map::GpuMap;
+    let none = Path::new("/nonexistent");
+    let gpus = GpuMap::default();
+    gpus.insert("0000:3b:00.0", 3);
+    let mut state = KmsgState::new(Lookup::new(gpus, none, none), 0, Some(0), 512, false);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kmsg");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    let mut events = Vec::new();
+    for path in names {
+        let bytes = std::fs::read(&path).unwrap();
+        for line in bytes.split(|&b| b == b'\n') {
+            state.handle(line, 1_700_000_000_000, &mut events);
+        }
+    }
+    let mut text = String::new();
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(&state.families(), &mut buf)
+        .unwrap();
+    for line in String::from_utf8(buf).unwrap().lines() {
+        match line.strip_prefix("ark_gpu_last_xid_timestamp_seconds{") {
+            Some(rest) => {
+                let labels = rest.rsplit_once(' ').map_or(rest, |(l, _)| l);
+                text.push_str(&format!(
+                    "ark_gpu_last_xid_timestamp_seconds{{{labels} <ts>\n"
+                ));
+            }
+            None => {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+    }
+    assert!(!events.is_empty());
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/kmsg_metrics.txt");
+    common::golden::compare_or_update(&golden, &text, common::golden::Order::Sorted);
+}
