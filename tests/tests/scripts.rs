@@ -52,20 +52,22 @@ fn scripts_explain_themselves_and_reject_unknown_arguments() {
     }
 }
 
-#[test]
-fn demo_prints_the_whole_timeline() {
-    if ark_harness::skip_without_services("demo_prints_the_whole_timeline") {
-        return;
+/// Runs `scripts/demo --once` with `extra` arguments and checks the whole timeline; returns it.
+fn demo_timeline(name: &str, extra: &[&str], port_region: u32) -> Option<String> {
+    if ark_harness::skip_without_services(name) {
+        return None;
     }
-    // A port base away from the default, so a demo a person left running does not collide.
-    let base = 40_000 + (std::process::id() % 2_000) * 10;
+    // A port base away from the default, so a demo a person left running does not collide; each
+    // test its own region of 20,000 ports (the demos run in parallel).
+    let base = port_region + (std::process::id() % 2_000) * 10;
     let out = Command::new("scripts/demo")
         .arg("--once")
+        .args(extra)
         .env("ARK_DEMO_PORT_BASE", base.to_string())
         .current_dir(ark_harness::repo_root())
         .output()
         .expect("scripts/demo runs");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{text}\n{}",
@@ -82,6 +84,30 @@ fn demo_prints_the_whole_timeline() {
     );
     assert!(
         text.contains("Cordon → Taint(ark.io/unhealthy:NoSchedule) → Drain → RunJob(reboot)"),
+        "{text}"
+    );
+    Some(text)
+}
+
+#[test]
+fn demo_prints_the_whole_timeline() {
+    demo_timeline("demo_prints_the_whole_timeline", &[], 40_000);
+}
+
+/// The same fault through the kernel-log path: the driver's line appended to the file the
+/// exporter follows is the only evidence, and the exporter's series says it came from there.
+#[test]
+fn demo_injects_its_fault_through_the_kernel_log() {
+    let Some(text) = demo_timeline(
+        "demo_injects_its_fault_through_the_kernel_log",
+        &["--kmsg"],
+        5,
+    ) else {
+        return;
+    };
+    assert!(text.contains("NVRM: Xid (PCI:0000:3b:00): 79"), "{text}");
+    assert!(
+        text.contains(r#"ark_gpu_xid_errors_total{gpu="0000:3b:00.0",xid="79",source="kmsg""#),
         "{text}"
     );
 }
