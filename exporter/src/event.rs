@@ -115,6 +115,30 @@ pub struct Event {
     pub namespace: Option<String>,
 }
 
+impl Event {
+    /// An event of a built-in collector: no job, node, pod or namespace (the pipeline and the
+    /// pod resolver fill in what they know).
+    pub fn new(
+        ts: i64,
+        event_type: EventType,
+        entity_id: String,
+        pid: Option<u32>,
+        value: String,
+    ) -> Self {
+        Event {
+            ts,
+            event_type,
+            entity_id,
+            job_id: None,
+            pid,
+            value,
+            node_id: None,
+            pod: None,
+            namespace: None,
+        }
+    }
+}
+
 /// Why a line was rejected. [`ParseError::reason`] is the `reason` label of
 /// `ark_events_dropped_total`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

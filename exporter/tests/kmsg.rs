@@ -10,15 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Kill, http_get};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{Kill, free_port, http_get};
 
 fn start(kmsg: &Path, sysfs: Option<&Path>) -> (Kill, u16) {
     let port = free_port();

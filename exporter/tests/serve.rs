@@ -3,19 +3,11 @@
 //! then `/healthz`, `/readyz`, `/metrics` and `ark-exporter why <pid>`.
 
 mod common;
-use common::{Kill, http_get};
+use common::{Kill, free_port, http_get};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[test]
 fn serve_probe_rules_metrics_and_why() {

@@ -404,6 +404,37 @@ fn unschedulable(n: &Node) -> bool {
         .unwrap_or(false)
 }
 
+/// Waits until `GpuFellOffBus` on `n` has the reboot Job running, and checks what led there:
+/// the alert fired in Prometheus with the healer's contract labels (and `label`), the ticket
+/// began Cordon → Taint → Drain, and exactly one reboot Job exists. Returns the ticket.
+async fn reboot_started(s: &Stack, n: &str, label: (&str, &str)) -> Result<Value> {
+    let t = s
+        .wait_ticket(n, Duration::from_secs(90), "reboot Job running", |t| {
+            t["condition"] == "GpuFellOffBus"
+                && has_step(t, "Drain", "Succeeded")
+                && has_step(t, "RunJob", "Running")
+        })
+        .await?;
+    // Prometheus itself says why: the alert fired with the healer's contract labels.
+    let alerts = s.prom.alerts().await?;
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a["labels"]["condition"] == "GpuFellOffBus"
+                && a["labels"]["node"] == n
+                && a["labels"][label.0] == label.1),
+        "{alerts:?}"
+    );
+    let steps: Vec<String> = workflows(&t).into_iter().map(|(a, _)| a).collect();
+    assert_eq!(steps[..3], ["Cordon", "Taint", "Drain"], "{t:?}");
+    assert_eq!(
+        s.jobs(n, "reboot").await?.len(),
+        1,
+        "exactly one reboot Job"
+    );
+    Ok(t)
+}
+
 /// XID 79 on one GPU: cordon, taint, drain, reboot Job, every step in the ticket; then the fault
 /// clears: the alert resolves, the health check runs, the node is uncordoned, the ticket resolved.
 #[tokio::test]
@@ -427,25 +458,7 @@ async fn xid79_reboots_the_node_and_a_cleared_fault_uncordons_it() -> Result<()>
     )?;
     s.inject(n, "error.hw", "gpu-3", "XID_79", None, None)?;
 
-    let t = s
-        .wait_ticket(n, Duration::from_secs(90), "reboot Job running", |t| {
-            t["condition"] == "GpuFellOffBus"
-                && has_step(t, "Drain", "Succeeded")
-                && has_step(t, "RunJob", "Running")
-        })
-        .await?;
-    // Prometheus itself says why: the alert fired with the healer's contract labels.
-    let alerts = s.prom.alerts().await?;
-    assert!(
-        alerts
-            .iter()
-            .any(|a| a["labels"]["condition"] == "GpuFellOffBus"
-                && a["labels"]["node"] == n
-                && a["labels"]["gpu"] == "3"),
-        "{alerts:?}"
-    );
-    let steps: Vec<String> = workflows(&t).into_iter().map(|(a, _)| a).collect();
-    assert_eq!(steps[..3], ["Cordon", "Taint", "Drain"], "{t:?}");
+    reboot_started(&s, n, ("gpu", "3")).await?;
     let node = s.node_obj(n).await?;
     assert!(unschedulable(&node), "cordoned");
     let taints = node
@@ -461,11 +474,6 @@ async fn xid79_reboots_the_node_and_a_cleared_fault_uncordons_it() -> Result<()>
     assert!(
         pods.get_opt("trainer-0").await?.is_none(),
         "the workload pod was evicted"
-    );
-    assert_eq!(
-        s.jobs(n, "reboot").await?.len(),
-        1,
-        "exactly one reboot Job"
     );
 
     // The reboot "happens"; no more XIDs: the alert resolves (10 s window + 5 s keep_firing, scaled).
@@ -559,29 +567,7 @@ async fn a_kernel_log_xid79_line_reboots_the_node() -> Result<()> {
             "NVRM: Xid (PCI:0000:3b:00): 79, pid=4242, name=python3, GPU has fallen off the bus.",
         ],
     )?;
-    let t = s
-        .wait_ticket(n, Duration::from_secs(90), "reboot Job running", |t| {
-            t["condition"] == "GpuFellOffBus"
-                && has_step(t, "Drain", "Succeeded")
-                && has_step(t, "RunJob", "Running")
-        })
-        .await?;
-    let alerts = s.prom.alerts().await?;
-    assert!(
-        alerts
-            .iter()
-            .any(|a| a["labels"]["condition"] == "GpuFellOffBus"
-                && a["labels"]["node"] == n
-                && a["labels"]["xid"] == "79"),
-        "{alerts:?}"
-    );
-    let steps: Vec<String> = workflows(&t).into_iter().map(|(a, _)| a).collect();
-    assert_eq!(steps[..3], ["Cordon", "Taint", "Drain"], "{t:?}");
-    assert_eq!(
-        s.jobs(n, "reboot").await?.len(),
-        1,
-        "exactly one reboot Job"
-    );
+    reboot_started(&s, n, ("xid", "79")).await?;
     // What the exporter published, from the kernel log only.
     let body = reqwest::get(format!("http://127.0.0.1:{}/metrics", s.node(n).port))
         .await?

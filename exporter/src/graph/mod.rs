@@ -199,6 +199,10 @@ impl Owners {
     }
 
     fn set(&mut self, id: u64) {
+        // Consecutive events mostly come from one lane: no scan then (this runs per event).
+        if self.ids[self.current as usize] == id {
+            return;
+        }
         let slot = match self.ids.iter().position(|&x| x == id) {
             Some(i) => i,
             None if self.ids.len() < Self::MAX => {

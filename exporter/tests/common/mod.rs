@@ -21,6 +21,15 @@ impl Drop for Kill {
 
 /// `GET http://127.0.0.1:<port><path>` with a read timeout: `(status, body)`, or `None` when
 /// the server did not answer a whole response in time.
+/// A port free on 127.0.0.1 right now (the OS picks it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn http_get(port: u16, path: &str, timeout: Duration) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;

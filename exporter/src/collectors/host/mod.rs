@@ -292,17 +292,7 @@ impl<K: Hash + Eq + Clone> CounterTracker<K> {
 
 /// Builds an event of a host collector.
 pub fn event(ts: i64, t: EventType, entity: &str, value: String) -> Event {
-    Event {
-        ts,
-        event_type: t,
-        entity_id: entity.to_owned(),
-        job_id: None,
-        pid: None,
-        value,
-        node_id: None,
-        pod: None,
-        namespace: None,
-    }
+    Event::new(ts, t, entity.to_owned(), None, value)
 }
 
 /// Limits conditions re-sent while they hold: `due(key, now)` is true on the first call and

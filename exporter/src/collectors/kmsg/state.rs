@@ -272,16 +272,8 @@ impl KmsgState {
 
     fn apply(&mut self, ev: KernelEvent, ts: i64, out: &mut Vec<Event>) {
         let full = self.series() >= self.max_series;
-        let base = |event_type, entity_id: String, pid, value: String| Event {
-            ts,
-            event_type,
-            entity_id,
-            job_id: None,
-            pid,
-            value,
-            node_id: None,
-            pod: None,
-            namespace: None,
+        let base = |event_type, entity_id: String, pid, value: String| {
+            Event::new(ts, event_type, entity_id, pid, value)
         };
         if let Some(kind) = ev.kind() {
             let i = KINDS.iter().position(|k| *k == kind).unwrap_or(0);

@@ -191,17 +191,7 @@ fn spawn_worker(
 }
 
 fn ev(ts: i64, t: EventType, gpu: u32, pid: Option<u32>, value: String) -> Event {
-    Event {
-        ts,
-        event_type: t,
-        entity_id: format!("gpu-{gpu}"),
-        job_id: None,
-        pid,
-        value,
-        node_id: None,
-        pod: None,
-        namespace: None,
-    }
+    Event::new(ts, t, format!("gpu-{gpu}"), pid, value)
 }
 
 /// Is `bdf`'s directory in `<sysfs>/bus/pci/devices`? `None` when it cannot be told (no sysfs
