@@ -26,7 +26,9 @@ pub mod webhook;
 use std::path::PathBuf;
 
 pub use kubernetes::{FakeKubelet, KubeCluster, kube_bin_dir};
-pub use prometheus::{Alertmanager, AmConfig, PromConfig, Prometheus, Target};
+pub use prometheus::{
+    Alertmanager, AmConfig, PromConfig, Prometheus, Target, shipped_inhibit_rules,
+};
 pub use proxy::{DelayProxy, ProxyRecord};
 pub use rules::scaled_alert_rules;
 pub use service::{Service, ensure_port_free, free_port, prom_duration, wait_for};

@@ -333,6 +333,21 @@ pub struct AmConfig {
     pub group_interval: Duration,
     pub repeat_interval: Duration,
     pub port: Option<u16>,
+    /// `inhibit_rules` of the configuration, as YAML (a sequence); see
+    /// [`shipped_inhibit_rules`] for the ones `deploy/alertmanager/alertmanager.yml` ships.
+    pub inhibit_rules: Option<String>,
+}
+
+/// The `inhibit_rules` of the shipped `deploy/alertmanager/alertmanager.yml`, as YAML, so that
+/// tests run Alertmanager with exactly the inhibitions users deploy.
+pub fn shipped_inhibit_rules() -> Result<String> {
+    let path = crate::repo_root().join("deploy/alertmanager/alertmanager.yml");
+    let text = std::fs::read_to_string(&path)?;
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text)?;
+    let Some(rules) = doc.get("inhibit_rules") else {
+        bail!("{} has no inhibit_rules", path.display());
+    };
+    Ok(serde_yaml::to_string(rules)?)
 }
 
 impl AmConfig {
@@ -345,6 +360,7 @@ impl AmConfig {
             group_interval: Duration::from_secs(1),
             repeat_interval: Duration::from_secs(3600),
             port: None,
+            inhibit_rules: None,
         }
     }
 }
@@ -380,6 +396,14 @@ impl Alertmanager {
             ri = prom_duration(cfg.repeat_interval),
             url = cfg.webhook_url,
         );
+        let yaml = match &cfg.inhibit_rules {
+            // JSON is YAML: one line, whatever the indentation of the source.
+            Some(rules) => {
+                let v: serde_yaml::Value = serde_yaml::from_str(rules)?;
+                format!("{yaml}inhibit_rules: {}\n", serde_json::to_string(&v)?)
+            }
+            None => yaml,
+        };
         let config = dir.path().join("alertmanager.yml");
         std::fs::write(&config, yaml)?;
         let mut cmd = Command::new(bin);
@@ -457,6 +481,18 @@ impl Alertmanager {
         let resp = self
             .http
             .get(format!("{}/api/v2/status", self.url()))
+            .send()
+            .await?;
+        Ok(resp.error_for_status()?.json().await?)
+    }
+
+    /// `GET /api/v2/alerts`: every alert Alertmanager holds, inhibited and silenced included
+    /// (`status.state` is `active`, `suppressed` or `unprocessed`; `status.inhibitedBy` lists
+    /// the fingerprints of the alerts that inhibit it).
+    pub async fn alerts(&self) -> Result<Vec<Value>> {
+        let resp = self
+            .http
+            .get(format!("{}/api/v2/alerts", self.url()))
             .send()
             .await?;
         Ok(resp.error_for_status()?.json().await?)
