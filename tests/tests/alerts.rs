@@ -43,6 +43,8 @@ const CATALOG_WITH_ALERTS: &[&str] = &[
     "GpuRebootRequired",
     "GpuDrainAndReset",
     "KernelHungTasks",
+    // issue 18: cross-node causality (alerts/job.rules.yml)
+    "JobBlockedByNode",
 ];
 
 /// Alerts for people, not for the healer: Ark watching itself (`alerts/ark.rules.yml`,
@@ -1539,19 +1541,13 @@ async fn query_panels(
 // ------------------------------------------------------------------------------------------------
 // Alertmanager with the real configuration, delivering to a local webhook
 
-/// Starts the real Alertmanager on `deploy/alertmanager/alertmanager.yml`, with only the webhook
-/// URL and the token file path replaced, injects alerts as Prometheus would, and checks what the
-/// "healer" receives: one notification per node, Ark alerts only, with the bearer token.
-#[tokio::test]
-async fn alertmanager_delivers_conditions_per_node_with_the_bearer_token() -> Result<()> {
-    if ark_harness::skip_without_services(
-        "alertmanager_delivers_conditions_per_node_with_the_bearer_token",
-    ) {
-        return Ok(());
-    }
-    let sink = ark_harness::WebhookSink::start().await?;
-    let dir = scratch("alertmanager");
-    std::fs::create_dir_all(&dir)?;
+/// Starts the real Alertmanager on `deploy/alertmanager/alertmanager.yml` in `dir`, with only
+/// the healer receiver's URL (to `sink`) and token file path replaced. Returns it and its URL.
+async fn shipped_alertmanager(
+    sink: &ark_harness::WebhookSink,
+    dir: &Path,
+) -> Result<(ark_harness::Service, String)> {
+    std::fs::create_dir_all(dir)?;
     let token_file = dir.join("token");
     std::fs::write(&token_file, "s3cret-token\n")?;
 
@@ -1589,6 +1585,23 @@ async fn alertmanager_delivers_conditions_per_node_with_the_bearer_token() -> Re
         },
     )
     .await?;
+    Ok((am, url))
+}
+
+/// Starts the real Alertmanager on `deploy/alertmanager/alertmanager.yml`, with only the webhook
+/// URL and the token file path replaced, injects alerts as Prometheus would, and checks what the
+/// "healer" receives: one notification per node, Ark alerts only, with the bearer token.
+#[tokio::test]
+async fn alertmanager_delivers_conditions_per_node_with_the_bearer_token() -> Result<()> {
+    if ark_harness::skip_without_services(
+        "alertmanager_delivers_conditions_per_node_with_the_bearer_token",
+    ) {
+        return Ok(());
+    }
+    let sink = ark_harness::WebhookSink::start().await?;
+    let dir = scratch("alertmanager");
+    let (am, url) = shipped_alertmanager(&sink, &dir).await?;
+    let http = reqwest::Client::new();
 
     let alert =
         |labels: Json| serde_json::json!({"labels": labels, "annotations": {"summary": "s"}});
@@ -1666,6 +1679,176 @@ async fn alertmanager_delivers_conditions_per_node_with_the_bearer_token() -> Re
         "something other than a node group reached the healer: {:?}",
         all.iter().map(|r| &r.body).collect::<Vec<_>>()
     );
+    drop(am);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Issue 18: the shipped inhibition, on the real Alertmanager. A job's culprit alert
+/// (JobBlockedByNode on n2, job train) holds back every WorkloadStalled of job train (the victims
+/// n1 and n3, and n2's own), and nothing else: another job's stall, a pod's stall without a
+/// job_id and the culprit alert itself are delivered. Checked both in Alertmanager's API
+/// (`status.inhibitedBy`) and at the webhook. Then the culprit resolves and the victims' stalls,
+/// still firing, are delivered: the inhibition lasts exactly as long as its source.
+#[tokio::test]
+async fn alertmanager_inhibits_the_stalls_of_a_job_blocked_by_one_node() -> Result<()> {
+    if ark_harness::skip_without_services(
+        "alertmanager_inhibits_the_stalls_of_a_job_blocked_by_one_node",
+    ) {
+        return Ok(());
+    }
+    let sink = ark_harness::WebhookSink::start().await?;
+    let dir = scratch("alertmanager-inhibit");
+    let (am, url) = shipped_alertmanager(&sink, &dir).await?;
+    let http = reqwest::Client::new();
+
+    let stall = |node: &str, job_id: Option<&str>, pod: &str| {
+        let mut labels = serde_json::json!({"alertname": "WorkloadStalled",
+            "condition": "WorkloadStalled", "severity": "warning", "node": node, "pod": pod,
+            "namespace": "ml", "resource": "network-ib0", "cause": "waits_on"});
+        if let Some(j) = job_id {
+            labels["job_id"] = Json::String(j.into());
+        }
+        labels
+    };
+    let culprit = serde_json::json!({"alertname": "JobBlockedByNode",
+        "condition": "JobBlockedByNode", "severity": "warning", "node": "n2", "job_id": "train",
+        "resource": "gpu-3", "cause": "error.hw"});
+    let post = |labels: Vec<Json>, ends_at: Option<String>| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let alerts: Vec<Json> = labels
+                .into_iter()
+                .map(|l| {
+                    let mut a = serde_json::json!({"labels": l, "annotations": {"summary": "s"}});
+                    if let Some(e) = &ends_at {
+                        a["endsAt"] = Json::String(e.clone());
+                    }
+                    a
+                })
+                .collect();
+            let resp = http
+                .post(format!("{url}/api/v2/alerts"))
+                .json(&alerts)
+                .send()
+                .await?;
+            ensure!(
+                resp.status().is_success(),
+                "POST /api/v2/alerts: {}",
+                resp.status()
+            );
+            anyhow::Ok(())
+        }
+    };
+    let victims = vec![
+        stall("n1", Some("train"), "train-0"),
+        stall("n3", Some("train"), "train-2"),
+        stall("n2", Some("train"), "train-1"),
+        stall("n4", Some("other"), "other-0"),
+        stall("n5", None, "web-0"),
+    ];
+    // The source first, as Prometheus would send it (its for: is shorter).
+    post(vec![culprit.clone()], None).await?;
+    post(victims.clone(), None).await?;
+
+    let state = || async {
+        let list: Vec<Json> = http
+            .get(format!("{url}/api/v2/alerts"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let mut by_key = BTreeMap::new();
+        for a in list {
+            let l = &a["labels"];
+            let key = format!(
+                "{}/{}/{}",
+                l["alertname"].as_str().unwrap_or("?"),
+                l["node"].as_str().unwrap_or("?"),
+                l["job_id"].as_str().unwrap_or("-")
+            );
+            let inhibited = a["status"]["inhibitedBy"]
+                .as_array()
+                .is_some_and(|v| !v.is_empty());
+            by_key.insert(key, inhibited);
+        }
+        anyhow::Ok(by_key)
+    };
+    let expected: BTreeMap<String, bool> = [
+        ("JobBlockedByNode/n2/train", false),
+        ("WorkloadStalled/n1/train", true),
+        ("WorkloadStalled/n2/train", true),
+        ("WorkloadStalled/n3/train", true),
+        ("WorkloadStalled/n4/other", false),
+        ("WorkloadStalled/n5/-", false),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    // Inhibition is computed when the API is read; wait until all six are there.
+    let got = ark_harness::wait_for(
+        "six alerts in Alertmanager",
+        std::time::Duration::from_secs(20),
+        &[&am],
+        || async {
+            let s = state().await?;
+            Ok((s.len() == expected.len()).then_some(s))
+        },
+    )
+    .await?;
+    ensure!(
+        got == expected,
+        "inhibited state: got {got:?}, expected {expected:?}"
+    );
+
+    // At the webhook (group_wait 5 s per node group): n2 (the culprit alert only), n4 and n5;
+    // never n1 or n3, whose only alerts are inhibited.
+    let by_node =
+        |node: &'static str| move |r: &ark_harness::Received| r.body["groupLabels"]["node"] == node;
+    for node in ["n2", "n4", "n5"] {
+        sink.wait_for(std::time::Duration::from_secs(20), by_node(node))
+            .await
+            .with_context(|| format!("{node}'s group delivered"))?;
+    }
+    let delivered = sink.received();
+    let names = |node: &str| -> Vec<String> {
+        delivered
+            .iter()
+            .filter(|r| r.body["groupLabels"]["node"] == node)
+            .flat_map(|r| r.body["alerts"].as_array().cloned().unwrap_or_default())
+            .map(|a| a["labels"]["alertname"].as_str().unwrap_or("?").to_string())
+            .collect()
+    };
+    ensure!(
+        names("n1").is_empty() && names("n3").is_empty(),
+        "a victim was delivered: {delivered:?}"
+    );
+    ensure!(
+        names("n2") == ["JobBlockedByNode"],
+        "n2 got {:?} (its own stall of the job is inhibited too)",
+        names("n2")
+    );
+
+    // The culprit resolves (repaired): the victims' stalls, still firing, are no longer held.
+    // An endsAt in the past is a resolved alert, as Prometheus sends it.
+    post(vec![culprit], Some("2000-01-01T00:00:00Z".into())).await?;
+    post(victims, None).await?;
+    ark_harness::wait_for(
+        "n1's stall delivered after the culprit resolved",
+        std::time::Duration::from_secs(30),
+        &[&am],
+        || async {
+            let s = state().await?;
+            Ok((s.get("WorkloadStalled/n1/train") == Some(&false)).then_some(()))
+        },
+    )
+    .await?;
+    // n1's group flushed (empty: all inhibited) at group_wait; its next flush is a
+    // group_interval (30 s) later.
+    sink.wait_for(std::time::Duration::from_secs(45), by_node("n1"))
+        .await
+        .context("n1's stall delivered after the culprit resolved")?;
     drop(am);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
