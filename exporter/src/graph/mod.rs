@@ -445,7 +445,7 @@ pub struct JobRow {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct JobExport {
     pub rows: Vec<JobRow>,
-    /// Series cut by the budget: [`ark_job_processes`, `ark_job_progress_ratio`].
+    /// Series cut by the budget, per family: (`ark_job_processes`, `ark_job_progress_ratio`).
     pub cut: [u64; 2],
 }
 

@@ -245,8 +245,8 @@ impl Graph {
                 .iter()
                 .find(|(t, _)| *t == EventType::ComputeUtil)
                 .and_then(|(_, v)| util_percent(v.as_str()));
-            if let Some(r) = util {
-                e.1 += r;
+            if let Some(pct) = util {
+                e.1 += pct;
                 e.2 += 1;
             }
         }
