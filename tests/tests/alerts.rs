@@ -45,6 +45,7 @@ const CATALOG_WITH_ALERTS: &[&str] = &[
     "KernelHungTasks",
     // issue 18: cross-node causality (alerts/job.rules.yml)
     "JobBlockedByNode",
+    "JobStragglerNode",
 ];
 
 /// Alerts for people, not for the healer: Ark watching itself (`alerts/ark.rules.yml`,

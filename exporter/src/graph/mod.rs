@@ -429,6 +429,42 @@ pub struct CausalExport {
     pub cut: [u64; 3],
 }
 
+/// One training job on this node, as [`Graph::export_jobs`] sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    /// The job id (clipped like every stored label, see `event::MAX_STORED_ID_BYTES`).
+    pub job: String,
+    /// Live process nodes carrying this job id.
+    pub processes: u64,
+    /// Mean of the latest `compute.util` of those processes as a ratio 0..1 (see
+    /// [`util_percent`]); `None` when none of them has reported a usable one.
+    pub progress: Option<f64>,
+}
+
+/// Rows of `ark_job_processes` / `ark_job_progress_ratio`, already bounded.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct JobExport {
+    pub rows: Vec<JobRow>,
+    /// Series cut by the budget, per family: (`ark_job_processes`, `ark_job_progress_ratio`).
+    pub cut: [u64; 2],
+}
+
+/// A `compute.util` value as a utilisation in percent, clamped to 0..100; `None` when it is no
+/// reading.
+///
+/// The unit is percent: what the NVML collector emits (docs/nvml.md) and what the probe
+/// protocol documents (docs/exporter.md); a trailing `%` is accepted. Out-of-range numbers are
+/// clamped (a negative reading is 0, above 100 is 100) so that one bogus reading cannot pull a
+/// mean out of range; NaN and infinities are not readings at all and are ignored, as is text.
+/// (Percent, not a ratio, so that a mean of integer readings divides once: 85, not 0.85000001.)
+pub fn util_percent(value: &str) -> Option<f64> {
+    let v = value.trim();
+    let v = v.strip_suffix('%').unwrap_or(v).trim_end();
+    let x: f64 = v.parse().ok()?;
+    // `+ 0.0` turns a clamped -0 into 0 (Prometheus would print "-0").
+    x.is_finite().then(|| x.clamp(0.0, 100.0) + 0.0)
+}
+
 /// The causal graph. See the module docs.
 #[derive(Debug)]
 pub struct Graph {

@@ -220,6 +220,62 @@ impl Graph {
         out
     }
 
+    /// Per training job on this node: its live processes and the mean of their latest
+    /// `compute.util` (as a ratio), at most `budget` series in all (a job costs one series, two
+    /// once it has a progress ratio; a job's two series are kept or cut together so the two
+    /// families always name the same jobs). Processes without a job id are not counted.
+    ///
+    /// Jobs with the most processes come first, then by job id: a training job holds several
+    /// processes (GPUs) on its node, so a flood of one-process job ids (a broken or hostile
+    /// probe) is what gets cut, not the job the straggler alert watches. The order is total, so
+    /// the same graph always exports the same jobs. Cost: one pass over the live processes
+    /// (bounded by `graph.max_nodes`), no walk.
+    pub fn export_jobs(&self, budget: usize) -> JobExport {
+        // (processes, sum of percentages, processes with a reading)
+        let mut jobs: FxHashMap<&str, (u64, f64, u64)> = FxHashMap::default();
+        for &i in self.pid_index.values() {
+            let n = &self.nodes[i as usize];
+            let Some(job) = n.job.as_deref().filter(|j| !j.is_empty()) else {
+                continue;
+            };
+            let e = jobs.entry(job).or_default();
+            e.0 += 1;
+            let util = n
+                .values
+                .iter()
+                .find(|(t, _)| *t == EventType::ComputeUtil)
+                .and_then(|(_, v)| util_percent(v.as_str()));
+            if let Some(pct) = util {
+                e.1 += pct;
+                e.2 += 1;
+            }
+        }
+        let mut rows: Vec<_> = jobs.into_iter().collect();
+        rows.sort_unstable_by(|a, b| b.1.0.cmp(&a.1.0).then_with(|| a.0.cmp(b.0)));
+        let mut out = JobExport::default();
+        let mut left = budget;
+        for (job, (processes, sum, with_util)) in rows {
+            let progress =
+                (with_util > 0).then(|| (sum / (100.0 * with_util as f64)).clamp(0.0, 1.0));
+            let cost = 1 + usize::from(progress.is_some());
+            if cost > left {
+                // The exported jobs are a prefix of the order: once one is cut, all that
+                // follow are (no job further down slips into a gap).
+                left = 0;
+                out.cut[0] += 1;
+                out.cut[1] += u64::from(progress.is_some());
+                continue;
+            }
+            left -= cost;
+            out.rows.push(JobRow {
+                job: job.to_owned(),
+                processes,
+                progress,
+            });
+        }
+        out
+    }
+
     /// Iterates live edges of one kind as (uid, from, to).
     pub fn edges_of(&self, kind: EdgeKind) -> impl Iterator<Item = (u64, u32, u32)> + '_ {
         self.kind_lists[kind as usize].iter().map(|&e| {

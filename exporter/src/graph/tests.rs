@@ -414,3 +414,203 @@ fn producer_slots_are_bounded() {
     assert_eq!(g.owners.ids.len(), Owners::MAX);
     assert_eq!(g.owners.nodes.iter().sum::<u32>() as usize, g.total_nodes());
 }
+
+/// An event of `job` (or none) for `pid` on `entity`.
+fn job_ev(ts: i64, t: EventType, entity: &str, pid: u32, job: Option<&str>, value: &str) -> Event {
+    Event {
+        job_id: job.map(str::to_owned),
+        ..ev(ts, t, entity, Some(pid), value)
+    }
+}
+
+fn util(ts: i64, pid: u32, job: &str, value: &str) -> Event {
+    job_ev(
+        ts,
+        EventType::ComputeUtil,
+        &format!("gpu-{}", pid % 8),
+        pid,
+        Some(job),
+        value,
+    )
+}
+
+fn job_row<'a>(x: &'a JobExport, job: &str) -> Option<&'a JobRow> {
+    x.rows.iter().find(|r| r.job == job)
+}
+
+#[test]
+fn job_rows_count_processes_and_average_their_latest_util() {
+    let mut g = Graph::new(GraphLimits::default());
+    g.ingest(&util(1, 1, "a", "90"));
+    g.ingest(&util(1, 2, "a", "90"));
+    // The latest value counts, not a history: pid 1 now runs at 50 %.
+    g.ingest(&util(2, 1, "a", "50"));
+    // Counted as a process of `a`, but it has no usable reading: not in the mean.
+    g.ingest(&util(2, 3, "a", "unknown"));
+    // A process of `b` that never reported utilisation: a count, no ratio.
+    g.ingest(&job_ev(
+        2,
+        EventType::ProcessState,
+        "gpu-4",
+        4,
+        Some("b"),
+        "R",
+    ));
+    // Processes without a job id are invisible; so is an empty job id.
+    g.ingest(&job_ev(2, EventType::ComputeUtil, "gpu-5", 5, None, "10"));
+    g.ingest(&job_ev(
+        2,
+        EventType::ComputeUtil,
+        "gpu-6",
+        6,
+        Some(""),
+        "10",
+    ));
+    let x = g.export_jobs(100);
+    assert_eq!(x.cut, [0, 0]);
+    assert_eq!(x.rows.len(), 2, "{:?}", x.rows);
+    let a = job_row(&x, "a").unwrap();
+    assert_eq!(a.processes, 3);
+    assert!((a.progress.unwrap() - 0.7).abs() < 1e-12, "{a:?}");
+    let b = job_row(&x, "b").unwrap();
+    assert_eq!((b.processes, b.progress), (1, None));
+    // Most processes first.
+    assert_eq!(x.rows[0].job, "a");
+}
+
+#[test]
+fn util_percent_clamps_and_ignores_what_is_no_reading() {
+    for (v, want) in [
+        ("97", 97.0),
+        ("97%", 97.0),
+        (" 50 % ", 50.0),
+        ("0.5", 0.5),
+        ("0", 0.0),
+        ("100", 100.0),
+        ("-5", 0.0),
+        ("-0", 0.0),
+        ("150", 100.0),
+        ("1e9", 100.0),
+        ("-1e9", 0.0),
+    ] {
+        let got = util_percent(v).unwrap_or_else(|| panic!("{v:?} is a reading"));
+        assert!((got - want).abs() < 1e-12, "{v:?}: {got}");
+        assert!(
+            got.is_sign_positive(),
+            "{v:?}: {got} (a -0 would print as -0)"
+        );
+    }
+    for v in [
+        "NaN",
+        "nan",
+        "inf",
+        "-inf",
+        "+infinity",
+        "1e400",
+        "",
+        "%",
+        "abc",
+        "9O",
+    ] {
+        assert_eq!(util_percent(v), None, "{v:?}");
+    }
+    // Through the graph: each reading is clamped before the mean, so one bogus value cannot
+    // pull it out of 0..1; a job whose readings are all non-numbers has no ratio.
+    let mut g = Graph::new(GraphLimits::default());
+    g.ingest(&util(1, 1, "clamped", "-20"));
+    g.ingest(&util(1, 2, "clamped", "250"));
+    g.ingest(&util(1, 3, "clamped", "inf"));
+    g.ingest(&util(1, 4, "nan", "NaN"));
+    g.ingest(&util(1, 5, "nan", "-inf"));
+    let x = g.export_jobs(100);
+    let c = job_row(&x, "clamped").unwrap();
+    assert_eq!((c.processes, c.progress), (3, Some(0.5)));
+    let n = job_row(&x, "nan").unwrap();
+    assert_eq!((n.processes, n.progress), (2, None));
+    for r in &x.rows {
+        assert!(r.progress.is_none_or(|p| (0.0..=1.0).contains(&p)), "{r:?}");
+    }
+}
+
+#[test]
+fn a_job_disappears_when_its_processes_go() {
+    let limits = GraphLimits {
+        ttl_ms: 100,
+        ..GraphLimits::default()
+    };
+    let mut g = Graph::new(limits);
+    g.ingest(&util(0, 1, "a", "90"));
+    g.ingest(&util(0, 2, "a", "90"));
+    g.ingest(&util(0, 3, "b", "90"));
+    // Only pid 1 keeps being seen: pid 2 (job a) and pid 3 (job b) expire on their TTL.
+    for ts in (10..=150).step_by(10) {
+        g.ingest(&util(ts, 1, "a", "40"));
+    }
+    let x = g.export_jobs(100);
+    assert_eq!(
+        x.rows,
+        vec![JobRow {
+            job: "a".into(),
+            processes: 1,
+            progress: Some(0.4)
+        }]
+    );
+    // An exited process goes at once, and its job with it.
+    g.ingest(&job_ev(
+        160,
+        EventType::ProcessState,
+        "pid-1",
+        1,
+        Some("a"),
+        "exited",
+    ));
+    assert_eq!(g.export_jobs(100), JobExport::default());
+}
+
+#[test]
+fn job_series_are_capped_and_what_is_cut_is_counted() {
+    let mut g = Graph::new(GraphLimits::default());
+    // Thousands of one-process job ids (a broken or hostile probe) and one training job with a
+    // process per GPU; one job without a reading among the flood.
+    for i in 0..5000u32 {
+        g.ingest(&util(1, 10_000 + i, &format!("flood-{i:05}"), "50"));
+    }
+    g.ingest(&job_ev(
+        1,
+        EventType::ProcessState,
+        "pid-99",
+        99,
+        Some("flood-quiet"),
+        "R",
+    ));
+    for pid in 0..8 {
+        g.ingest(&util(1, pid, "zz-train", "90"));
+    }
+    let x = g.export_jobs(100);
+    // 2 series per job with a ratio: 50 jobs in 100 series, the training job first.
+    assert_eq!(x.rows.len(), 50);
+    assert_eq!(x.rows[0].job, "zz-train");
+    assert_eq!(x.rows[0].processes, 8);
+    assert_eq!(x.rows[1].job, "flood-00000", "then by job id");
+    let series: usize = x
+        .rows
+        .iter()
+        .map(|r| 1 + usize::from(r.progress.is_some()))
+        .sum();
+    assert_eq!(series, 100);
+    // 5002 jobs, 50 kept; every cut job had a ratio but flood-quiet.
+    assert_eq!(x.cut, [5002 - 50, 5001 - 50]);
+    // An odd budget: the next job's pair does not fit, so it is cut whole, and so is every
+    // job after it, even one that would fit in a single series.
+    let x = g.export_jobs(3);
+    assert_eq!(x.rows.len(), 1);
+    assert_eq!(x.cut, [5001, 5000]);
+    let x = g.export_jobs(0);
+    assert!(x.rows.is_empty());
+    assert_eq!(x.cut, [5002, 5001]);
+    // Labels are clipped like every stored string.
+    let mut g = Graph::new(GraphLimits::default());
+    g.ingest(&util(1, 1, &"j".repeat(300), "90"));
+    let x = g.export_jobs(10);
+    assert_eq!(x.rows[0].job.len(), crate::event::MAX_STORED_ID_BYTES);
+}

@@ -71,8 +71,9 @@ pub struct PipelineConfig {
     /// Events older than this (relative to the clock) are clamped or dropped (`timestamp_past`).
     pub max_past_ms: i64,
     pub timestamp_policy: TimestampPolicy,
-    /// Most causal series (`ark_waits_on` + `ark_blocked_by` + `ark_root_cause` +
-    /// `ark_scene_active`) exported.
+    /// Most causal series (`ark_scene_active` + `ark_waits_on` + `ark_blocked_by` +
+    /// `ark_root_cause` + `ark_job_processes` + `ark_job_progress_ratio`, taken in that order)
+    /// exported.
     pub series_budget: usize,
     /// Most nodes visited per export when resolving root causes.
     pub walk_budget: usize,
@@ -571,6 +572,83 @@ mod tests {
         p.tick(None);
         assert!(p.graph().process(2).is_none());
         assert!(p.graph().process(1).is_none());
+    }
+
+    #[test]
+    fn job_families_share_the_series_budget_and_go_with_their_processes() {
+        let t = Telemetry::new("n").unwrap();
+        let cfg = PipelineConfig {
+            series_budget: 10,
+            ..PipelineConfig::default()
+        };
+        let mut p = Pipeline::new(cfg, Clock::EventTime, None, t.dropped.clone());
+        let base = 1_700_000_000_000;
+        let mut send = |pid: u32, job: &str, t: EventType, entity: &str, value: &str| {
+            let mut e = ev(base);
+            e.pid = Some(pid);
+            e.job_id = Some(job.to_owned());
+            e.event_type = t;
+            e.entity_id = entity.to_owned();
+            e.value = value.to_owned();
+            p.handle_event(&e, "probe");
+        };
+        // Job w: 4 processes waiting on the network, no utilisation: 4 waits_on series and one
+        // root_cause series come first; 5 of the 10 are left for the job families.
+        for pid in 1..=4 {
+            send(pid, "w", EventType::TransportDrop, "network-eth0", "drop");
+        }
+        send(10, "a", EventType::ComputeUtil, "gpu-0", "90");
+        send(11, "a", EventType::ComputeUtil, "gpu-1", "80");
+        for (pid, job) in [(20, "b"), (21, "c"), (22, "d"), (23, "e")] {
+            send(pid, job, EventType::ComputeUtil, "gpu-2", "10");
+        }
+        p.publish(&t);
+        let out = t.encode();
+        let has = |line: &str| out.lines().any(|l| l == line);
+        // w (1 series), a (2), b (2): the budget is spent; c, d and e are cut.
+        for line in [
+            r#"ark_job_processes{job_id="w",node="n"} 4"#,
+            r#"ark_job_processes{job_id="a",node="n"} 2"#,
+            r#"ark_job_progress_ratio{job_id="a",node="n"} 0.85"#,
+            r#"ark_job_processes{job_id="b",node="n"} 1"#,
+            r#"ark_job_progress_ratio{job_id="b",node="n"} 0.1"#,
+            r#"ark_causal_series_truncated{family="ark_job_processes",node="n"} 3"#,
+            r#"ark_causal_series_truncated{family="ark_job_progress_ratio",node="n"} 3"#,
+            r#"ark_causal_series_truncated{family="ark_waits_on",node="n"} 0"#,
+        ] {
+            assert!(has(line), "missing {line}\n{out}");
+        }
+        assert!(!out.contains(r#"job_id="c""#), "{out}");
+        assert!(
+            !out.contains(r#"ark_job_progress_ratio{job_id="w""#),
+            "no reading, no ratio\n{out}"
+        );
+        let series = out
+            .lines()
+            .filter(|l| {
+                [
+                    "ark_waits_on{",
+                    "ark_root_cause{",
+                    "ark_blocked_by{",
+                    "ark_job_",
+                ]
+                .iter()
+                .any(|f| l.starts_with(f))
+            })
+            .count();
+        assert_eq!(series, 10, "{out}");
+        // Once the processes expire, their jobs leave /metrics.
+        p.tick(Some(base + PipelineConfig::default().graph.ttl_ms + 1));
+        p.publish(&t);
+        let out = t.encode();
+        assert!(!out.contains("ark_job_processes{"), "{out}");
+        assert!(!out.contains("ark_job_progress_ratio{"), "{out}");
+        assert!(
+            out.lines()
+                .any(|l| l
+                    == r#"ark_causal_series_truncated{family="ark_job_processes",node="n"} 0"#),
+            "{out}"
+        );
     }
 
     #[test]

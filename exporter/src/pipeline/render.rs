@@ -158,6 +158,11 @@ impl Pipeline {
             ));
         }
         let x = g.export(budget, self.cfg.walk_budget);
+        // The job families share the budget and come last: what the causal families export is
+        // never displaced by them (a node with a graph that busy is stalled anyway, and a job
+        // missing from one node only makes the straggler rules see fewer nodes).
+        let jobs =
+            g.export_jobs(budget - x.waits_on.len() - x.blocked_by.len() - x.root_cause.len());
         fams.push(family(
             "ark_waits_on",
             "1 while a process waits on a resource (WaitsOn edge alive).",
@@ -201,6 +206,22 @@ impl Pipeline {
             }),
         ));
         fams.push(family(
+            "ark_job_processes",
+            "Live processes of a training job on this node (the causal graph's processes with that job_id).",
+            MetricType::GAUGE,
+            jobs.rows
+                .iter()
+                .map(|r| (vec![("job_id", r.job.clone())], r.processes as f64)),
+        ));
+        fams.push(family(
+            "ark_job_progress_ratio",
+            "Mean latest compute.util of a job's processes on this node, as a ratio 0..1 (absent until one reports).",
+            MetricType::GAUGE,
+            jobs.rows
+                .into_iter()
+                .filter_map(|r| Some((vec![("job_id", r.job)], r.progress?))),
+        ));
+        fams.push(family(
             "ark_causal_series_truncated",
             "Causal series left out of the last snapshot by the series budget, per family.",
             MetricType::GAUGE,
@@ -209,6 +230,8 @@ impl Pipeline {
                 ("ark_blocked_by", x.cut[1]),
                 ("ark_root_cause", x.cut[2]),
                 ("ark_scene_active", scene_cut),
+                ("ark_job_processes", jobs.cut[0]),
+                ("ark_job_progress_ratio", jobs.cut[1]),
             ]
             .map(|(f, v)| (vec![("family", f.to_owned())], v as f64)),
         ));
