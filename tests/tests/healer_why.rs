@@ -2,7 +2,8 @@
 //! real Prometheus that scrapes three exporters (fixed `/metrics` text in the exporter's own
 //! format: node-2's process is blocked by `error.hw` on `gpu-3`, nodes 1 and 3 wait on the
 //! network) and, for the culprit's ticket, a real kube-apiserver on which the real healer
-//! remediates node-2. Also: the fallback on raw series without the job rules, and the clear errors for a dead Prometheus and hostile answers
+//! remediates node-2. Also: the job dashboard's queries on that Prometheus, the fallback on raw
+//! series without the job rules, and the clear errors for a dead Prometheus and hostile answers
 //! (those need no service and always run).
 
 mod healer_support;
@@ -155,7 +156,8 @@ fn names(v: &Value, key: &str) -> Vec<String> {
 
 /// The scenario of the issue on real services: node-2's GPU error stalls the job on nodes 1
 /// and 3; `why` names node-2 (text and JSON), with the error, since when, the victims and the
-/// ticket the real healer wrote on node-2. Unknown jobs are errors.
+/// ticket the real healer wrote on node-2. Unknown jobs are errors. The job dashboard's queries
+/// all answer on the same Prometheus.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn why_names_the_culprit_node_and_shows_its_ticket() -> Result<()> {
     let Some((kube, admin)) =
@@ -378,10 +380,53 @@ async fn why_names_the_culprit_node_and_shows_its_ticket() -> Result<()> {
         "{err}"
     );
 
+    // The job dashboard on the same Prometheus: every query answers, with data unless flagged.
+    let problems = job_dashboard_problems(&prom).await?;
     for t in tasks {
         t.abort();
     }
+    ensure!(
+        problems.is_empty(),
+        "dashboards/job.json:\n  {}",
+        problems.join("\n  ")
+    );
     Ok(())
+}
+
+/// Runs every panel query of dashboards/job.json with `$job_id` = the scenario's job.
+async fn job_dashboard_problems(prom: &Prometheus) -> Result<Vec<String>> {
+    let path = ark_harness::repo_root().join("dashboards/job.json");
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for panel in doc["panels"].as_array().into_iter().flatten() {
+        let title = panel["title"].as_str().unwrap_or("?");
+        let may_be_empty = panel["arkExpectEmpty"] == true;
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap_or_default()
+                .replace("$job_id", JOB);
+            ensure!(
+                !expr.contains('$'),
+                "job.json panel {title:?}: a variable this test does not substitute: {expr}"
+            );
+            checked += 1;
+            match prom.query(&expr).await {
+                Ok(r) if r.is_empty() && !may_be_empty => {
+                    problems.push(format!("panel {title:?}: no data\n    {expr}"))
+                }
+                Ok(r) if !r.is_empty() && may_be_empty => {
+                    eprintln!("note: job.json panel {title:?} has data although arkExpectEmpty")
+                }
+                Ok(_) => {}
+                Err(e) => problems.push(format!("panel {title:?}: {e:#}")),
+            }
+        }
+    }
+    eprintln!("job.json: {checked} queries answered by a real Prometheus");
+    ensure!(checked >= 10, "job.json has only {checked} queries");
+    Ok(problems)
 }
 
 /// Before the job rules exist (or before they were evaluated), `why` computes the same
