@@ -1,4 +1,4 @@
-//! Command line: `serve`, `plan`, `tickets`. Flags say how the process runs; what it does comes
+//! Command line: `serve`, `plan`, `tickets`, `pause`/`resume`/`status`, `why`. Flags say how the process runs; what it does comes
 //! from the configuration file and `ARK_*` (see [`crate::config`]).
 
 use std::io::Write;
@@ -106,6 +106,17 @@ pub enum Command {
         #[arg(long, default_value = "table")]
         output: Output,
     },
+    /// Why is this training job stuck? The cross-node chain, from Prometheus (read-only).
+    ///
+    /// Instant queries to Prometheus' HTTP API: the job's processes and what they wait on
+    /// (ark_waits_on, ark_root_cause), the culprit node(s) whose error blocks it, with the
+    /// error and since when (ALERTS_FOR_STATE of JobBlockedByNode / WorkloadStalled), the
+    /// victim nodes (job_node:ark_job_culprit:max / job_node:ark_job_victim:max, or the same
+    /// computed from the raw series when those rules are absent) and, when a cluster is
+    /// reachable (--kubeconfig, else KUBECONFIG / ~/.kube/config / in-cluster), the healer's
+    /// ticket on each culprit node. An unknown job is an error (exit 1). See docs/why.md.
+    #[command(verbatim_doc_comment)]
+    Why(WhyArgs),
     /// List tickets across nodes (open ones; `--all` for every ticket).
     Tickets {
         #[arg(long)]
@@ -115,6 +126,34 @@ pub enum Command {
         #[arg(long, default_value = "table")]
         output: Output,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum TextOrJson {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WhyArgs {
+    /// The training job: the `job_id` label of the exporter's series.
+    #[arg(long = "job")]
+    pub job: String,
+    /// Prometheus base URL, e.g. http://prometheus:9090 (a path prefix is kept).
+    #[arg(long)]
+    pub prometheus: String,
+    /// Cluster to read the culprit nodes' tickets from (read-only).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    #[arg(long, default_value = "text")]
+    pub output: TextOrJson,
+    /// Seconds for all Prometheus queries together, and again for the cluster reads.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub timeout: u64,
+    /// At most this many culprits, victims, nodes, process groups and scenes are printed
+    /// (what is cut is counted).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub limit: u32,
 }
 
 /// The cluster and the healer's Lease (its namespace and name come from `[lease]` of --config).
@@ -199,6 +238,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             all,
             output,
         } => tickets_cmd(kubeconfig.as_deref(), all, output).await,
+        Command::Why(args) => why_cmd(&args).await,
         Command::Pause { reason, by, target } => {
             let by = by
                 .or_else(|| std::env::var("USER").ok())
@@ -411,4 +451,105 @@ async fn tickets_cmd(kubeconfig: Option<&Path>, all: bool, output: Output) -> an
         )?;
     }
     Ok(())
+}
+
+async fn why_cmd(a: &WhyArgs) -> anyhow::Result<()> {
+    use crate::why;
+    why::validate_job_id(&a.job)?;
+    let timeout = std::time::Duration::from_secs(a.timeout);
+    let prom = why::Prometheus::new(&a.prometheus, timeout, why::MAX_RESPONSE_BYTES)?;
+    let at = Timestamp::now();
+    let evidence = tokio::time::timeout(timeout, prom.gather(&a.job, at))
+        .await
+        .map_err(|_| crate::Error::Prometheus {
+            url: prom.url().to_owned(),
+            message: format!(
+                "did not answer within {} s (all queries together)",
+                a.timeout
+            ),
+        })??;
+    let mut answer = why::assemble(&a.job, prom.url(), at, &evidence, a.limit as usize)?;
+    if !answer.culprits.is_empty() {
+        let read = async {
+            let kube = why::connect_cluster(a.kubeconfig.as_deref(), timeout).await?;
+            why::tickets(&mut answer, &kube).await;
+            Ok::<_, String>(())
+        };
+        let outcome = tokio::time::timeout(timeout, read).await;
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => answer.cluster.error = Some(e),
+            Err(_) => {
+                answer.cluster.error =
+                    Some(format!("the cluster did not answer within {} s", a.timeout))
+            }
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    match a.output {
+        TextOrJson::Json => writeln!(out, "{}", serde_json::to_string_pretty(&answer)?)?,
+        TextOrJson::Text => why::write_text(&mut out, &answer)?,
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn why_parses_its_flags_and_bounds_them() {
+        let cli = Cli::try_parse_from([
+            "ark-healer",
+            "why",
+            "--job",
+            "train",
+            "--prometheus",
+            "http://p:9090",
+            "--output",
+            "json",
+            "--timeout",
+            "3",
+            "--limit",
+            "7",
+        ])
+        .unwrap();
+        let Command::Why(a) = cli.command else {
+            panic!("not why");
+        };
+        assert_eq!(
+            (
+                a.job.as_str(),
+                a.prometheus.as_str(),
+                a.output,
+                a.timeout,
+                a.limit
+            ),
+            ("train", "http://p:9090", TextOrJson::Json, 3, 7)
+        );
+        assert!(a.kubeconfig.is_none());
+        let base = [
+            "ark-healer",
+            "why",
+            "--job",
+            "j",
+            "--prometheus",
+            "http://p",
+        ];
+        let defaults = Cli::try_parse_from(base).unwrap();
+        let Command::Why(d) = defaults.command else {
+            panic!("not why");
+        };
+        assert_eq!((d.output, d.timeout, d.limit), (TextOrJson::Text, 10, 50));
+        for bad in [
+            &["--timeout", "0"][..],
+            &["--timeout", "601"],
+            &["--limit", "0"],
+            &["--output", "yaml"],
+        ] {
+            let args: Vec<&str> = base.iter().copied().chain(bad.iter().copied()).collect();
+            assert!(Cli::try_parse_from(&args).is_err(), "{bad:?} accepted");
+        }
+        assert!(Cli::try_parse_from(["ark-healer", "why", "--prometheus", "http://p"]).is_err());
+    }
 }

@@ -51,6 +51,18 @@ pub enum Error {
     #[error("Alertmanager: {message}")]
     Alertmanager { message: String },
 
+    /// `ark-healer why`: Prometheus could not be asked, or its answer could not be used.
+    #[error("Prometheus at {url}: {message}")]
+    Prometheus { url: String, message: String },
+
+    /// `ark-healer why`: no series of Prometheus names this training job.
+    #[error("job {job_id:?} is unknown to Prometheus at {url}: {message}")]
+    UnknownJob {
+        job_id: String,
+        url: String,
+        message: String,
+    },
+
     #[error("job template {template}: {message}")]
     JobTemplate { template: String, message: String },
 

@@ -5,7 +5,7 @@
 //! ticket becomes) → [`executor`] (I/O only: carries the plan out through [`k8s::Cluster`]).
 //! Pure core: [`alerts`], [`catalog`], [`ticket`], [`planner`], [`lifecycle`], [`config`].
 //! I/O: [`webhook`] (HTTP), [`k8s`] (the only module that talks to the cluster),
-//! [`alertmanager`], [`serve`] (the loops), [`cli`].
+//! [`alertmanager`], [`serve`] (the loops), [`cli`], [`why`] (reads Prometheus for `ark-healer why`).
 
 pub mod alertmanager;
 pub mod alerts;
@@ -25,5 +25,6 @@ pub mod serve;
 mod testkit;
 pub mod ticket;
 pub mod webhook;
+pub mod why;
 
 pub use error::{Error, Result};
