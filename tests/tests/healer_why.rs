@@ -81,16 +81,9 @@ async fn exporters() -> Result<(serde_yaml::Value, Vec<tokio::task::JoinHandle<(
     Ok((serde_yaml::to_value(job)?, tasks))
 }
 
-/// The job rules: the repository's once they exist, else the test's minimal copy of them.
+/// The shipped job rules (alerts/job.rules.yml): `why` reads what they record.
 fn job_rules() -> PathBuf {
-    let real = ark_harness::repo_root().join("alerts/job.rules.yml");
-    let path = if real.exists() {
-        real
-    } else {
-        ark_harness::repo_root().join("tests/fixtures/why/job.rules.yml")
-    };
-    eprintln!("job rules loaded from {}", path.display());
-    path
+    ark_harness::repo_root().join("alerts/job.rules.yml")
 }
 
 fn workload_rules() -> PathBuf {
