@@ -709,4 +709,223 @@ workflows:
         assert_ne!(short_fingerprint(&fp), short_fingerprint(&"g".repeat(5000)));
         assert_eq!(short_fingerprint("abc123"), "abc123");
     }
+
+    fn rel(job: &str, condition: &str, victims: Option<&str>, at: &str) -> JobRelation {
+        JobRelation::new(job, condition, victims, at.parse().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn old_tickets_without_jobs_parse_and_jobs_round_trip() {
+        let t = Ticket::from_annotation("n1", DESIGN_EXAMPLE).unwrap();
+        assert!(t.jobs.is_empty());
+        let text = t.to_annotation("n1").unwrap();
+        assert!(!text.contains("jobs"), "empty jobs are not written: {text}");
+
+        let now: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
+        let mut t = Ticket::new("GpuFellOffBus", "XID 79", "reboot", None, now, None);
+        assert!(t.record_jobs(&[rel(
+            "train-42",
+            "JobBlockedByNode",
+            Some("7"),
+            "2026-11-22T10:00:05Z"
+        )]));
+        let text = t.to_annotation("n1").unwrap();
+        assert!(
+            text.contains("jobId: train-42") && text.contains("victimNodes: 7"),
+            "{text}"
+        );
+        let back = Ticket::from_annotation("n1", &text).unwrap();
+        assert_eq!(back, t);
+        // Hand-written entries without the optional keys are read too.
+        let hand = text.replace("  victimNodes: 7\n", "");
+        let back = Ticket::from_annotation("n1", &hand).unwrap();
+        assert_eq!(back.jobs[0].victim_nodes, None);
+    }
+
+    #[test]
+    fn record_jobs_says_whether_anything_changed() {
+        let now: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
+        let mut t = Ticket::new("GpuHung", "", "gpu-reset", None, now, None);
+        assert!(!t.record_jobs(&[]));
+        let a = rel(
+            "train-1",
+            "JobBlockedByNode",
+            Some("3"),
+            "2026-11-22T10:00:00Z",
+        );
+        assert!(t.record_jobs(std::slice::from_ref(&a)));
+        assert!(!t.record_jobs(std::slice::from_ref(&a)), "the same again");
+        // A later occurrence: the earliest `since` stays, the victim count is the current one.
+        let later = rel(
+            "train-1",
+            "JobBlockedByNode",
+            Some("5"),
+            "2026-11-22T11:00:00Z",
+        );
+        assert!(t.record_jobs(std::slice::from_ref(&later)));
+        assert_eq!(t.jobs.len(), 1);
+        assert_eq!(t.jobs[0].since, a.since);
+        assert_eq!(t.jobs[0].victim_nodes, Some(5));
+        // No count in the alert: the known one stays.
+        let none = rel("train-1", "JobBlockedByNode", None, "2026-11-22T11:00:00Z");
+        assert!(!t.record_jobs(&[none]));
+        // Same job, other condition: a second relation.
+        let slow = rel("train-1", "JobStragglerNode", None, "2026-11-22T11:00:00Z");
+        assert!(t.record_jobs(std::slice::from_ref(&slow)));
+        assert_eq!(t.jobs.len(), 2);
+        // A relation no longer reported (its alert resolved) stays.
+        assert!(!t.record_jobs(&[slow]));
+        assert_eq!(t.jobs.len(), 2);
+        assert!(t.jobs.iter().any(|j| j.key() == a.key()));
+    }
+
+    #[test]
+    fn a_hundred_jobs_keep_the_newest_sixteen() {
+        let now: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
+        let mut t = Ticket::new("GpuHung", "", "gpu-reset", None, now, None);
+        let many: Vec<JobRelation> = (0..100)
+            .map(|i| {
+                JobRelation::new(
+                    &format!("job-{i:03}"),
+                    "JobStragglerNode",
+                    Some("1"),
+                    Timestamp::from_second(now.as_second() + i).unwrap(),
+                )
+                .unwrap()
+            })
+            .collect();
+        assert!(t.record_jobs(&many));
+        assert_eq!(t.jobs.len(), JOBS_MAX);
+        assert_eq!(t.jobs[0].job_id, "job-084");
+        assert_eq!(t.jobs[JOBS_MAX - 1].job_id, "job-099");
+        assert!(!t.record_jobs(&many), "idempotent at the bound");
+        // An older relation than all kept ones is not taken in (and is not a change).
+        let old = JobRelation::new("ancient", "JobStragglerNode", None, now).unwrap();
+        assert!(!t.record_jobs(&[old]));
+        assert!(t.to_annotation("n1").unwrap().len() <= TICKET_MAX_BYTES);
+    }
+
+    #[test]
+    fn hostile_job_labels_are_clipped() {
+        let at: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
+        assert!(JobRelation::new("", "JobBlockedByNode", None, at).is_none());
+        let evil = format!("a\nb\u{1b}[2J\0{}", "é".repeat(10_000));
+        let r = JobRelation::new(&evil, &"C\n".repeat(500), Some("NaN"), at).unwrap();
+        assert!(r.job_id.len() <= JOB_ID_MAX, "{}", r.job_id.len());
+        assert!(r.job_id.starts_with("a?b?[2J?"), "{:?}", r.job_id);
+        assert!(!r.job_id.chars().any(char::is_control));
+        assert!(r.condition.len() <= NAME_MAX && !r.condition.contains('\n'));
+        assert_eq!(r.victim_nodes, None);
+        // Distinct long ids stay distinct; a DNS-label-sized id is kept as is.
+        let other = JobRelation::new(&format!("{evil}!"), "c", None, at).unwrap();
+        assert_ne!(r.job_id, other.job_id);
+        let dns = "j".repeat(63);
+        assert_eq!(JobRelation::new(&dns, "c", None, at).unwrap().job_id, dns);
+        // Counts as Prometheus renders them; anything else is left out.
+        for (v, want) in [
+            ("3", Some(3)),
+            (" 3 ", Some(3)),
+            ("3.0", Some(3)),
+            ("1e+01", Some(10)),
+            ("-1", None),
+            ("+Inf", None),
+            ("lots", None),
+            ("99999999999", Some(u32::MAX)),
+        ] {
+            assert_eq!(parse_count(v), want, "{v}");
+        }
+        // Entries a human wrote are clipped on the next write too.
+        let mut t = Ticket::new("GpuHung", "", "gpu-reset", None, at, None);
+        t.jobs = vec![JobRelation {
+            job_id: evil.clone(),
+            condition: "JobBlockedByNode".into(),
+            victim_nodes: None,
+            since: at,
+        }];
+        let text = t.to_annotation("n1").unwrap();
+        let back = Ticket::from_annotation("n1", &text).unwrap();
+        assert!(back.jobs[0].job_id.len() <= JOB_ID_MAX);
+        assert!(!back.jobs[0].job_id.chars().any(char::is_control));
+    }
+
+    #[test]
+    fn jobs_are_shed_first_and_what_does_not_fit_is_not_rewritten() {
+        let now: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
+        // A ticket near its limit: long reason, messages, many remediations.
+        let mut t = Ticket::new("GpuHung", &"r".repeat(300), "gpu-reset", None, now, None);
+        t.remediations = vec![
+            Remediation {
+                at: now,
+                priority: 3
+            };
+            HISTORY_MAX
+        ];
+        for i in 0..7 {
+            t.record(
+                i,
+                Workflow {
+                    action: "RunJob".into(),
+                    status: StepStatus::Succeeded,
+                    at: now,
+                    step: None,
+                    job: Some(format!("ark-gpu-reset-{}-{i}", "n".repeat(40))),
+                    message: Some("m".repeat(200)),
+                    retries: None,
+                },
+            );
+        }
+        let many: Vec<JobRelation> = (0..16)
+            .map(|i| {
+                JobRelation::new(
+                    &format!("{i:02}{}", "j".repeat(70)),
+                    "JobBlockedByNode",
+                    Some("100"),
+                    Timestamp::from_second(now.as_second() + i).unwrap(),
+                )
+                .unwrap()
+            })
+            .collect();
+        assert!(t.record_jobs(&many));
+        assert!(
+            !t.jobs.is_empty() && t.jobs.len() < JOBS_MAX,
+            "{}",
+            t.jobs.len()
+        );
+        // The newest are the ones kept; the remediations and messages are untouched.
+        assert_eq!(t.jobs.last().unwrap().job_id, many[15].job_id);
+        let text = t.to_annotation("n1").unwrap();
+        assert!(text.len() <= TICKET_MAX_BYTES);
+        let back = Ticket::from_annotation("n1", &text).unwrap();
+        assert_eq!(back.remediations.len(), HISTORY_MAX);
+        assert!(back.workflows.iter().all(|w| w.message.is_some()));
+        assert_eq!(back.jobs, t.jobs);
+        // Re-read and offered the same alerts again: nothing to write (no write per pass).
+        let mut again = back.clone();
+        assert!(!again.record_jobs(&many));
+        assert_eq!(again, back);
+    }
+
+    #[test]
+    fn a_superseding_ticket_keeps_the_jobs_a_new_incident_does_not() {
+        let t0: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
+        let t1: Timestamp = "2026-11-22T10:05:00Z".parse().unwrap();
+        let mut first = Ticket::new("JobBlockedByNode", "", "cordon-diagnose", None, t0, None);
+        first.record_jobs(&[rel(
+            "train-42",
+            "JobBlockedByNode",
+            Some("3"),
+            "2026-11-22T10:00:00Z",
+        )]);
+        for (status, kept) in [
+            (TicketStatus::Created, true),
+            (TicketStatus::Resolving, true),
+            (TicketStatus::Escalated, true),
+            (TicketStatus::Resolved, false),
+            (TicketStatus::Closed, false),
+        ] {
+            first.status = status;
+            let next = Ticket::new("GpuFellOffBus", "", "reboot", None, t1, Some(&first));
+            assert_eq!(!next.jobs.is_empty(), kept, "{status:?}");
+        }
+    }
 }

@@ -270,6 +270,7 @@ const CONDITIONS: &[&str] = &[
     "WorkloadStalled",
     "NodeNotReady",
     "IbLinkFlapping",
+    "JobBlockedByNode",
 ];
 const FAILABLE: &[&str] = &["patch", "evict", "get_job", "create_job", "get_node"];
 
@@ -312,6 +313,12 @@ async fn run_ops(ops: Vec<Op>) -> std::result::Result<(), TestCaseError> {
                         AlertStatus::Resolved
                     },
                 );
+                if CONDITIONS[c].starts_with("Job") {
+                    // Two jobs, so relations come and go on every node.
+                    let job = format!("train-{}", starts % 2);
+                    a.fingerprint = format!("{}/{job}", a.fingerprint);
+                    a.labels.insert("job_id".into(), job);
+                }
                 // A new occurrence after a resolution starts later.
                 starts += 1;
                 if firing {
@@ -352,6 +359,8 @@ async fn run_ops(ops: Vec<Op>) -> std::result::Result<(), TestCaseError> {
                         .and_then(|a| a.get(TICKET_ANNOTATION))
                     {
                         prop_assert!(text.len() <= TICKET_MAX_BYTES);
+                        let t = Ticket::from_annotation("n", text).unwrap();
+                        prop_assert!(t.jobs.len() <= 2, "{:?}", t.jobs);
                     }
                 }
                 // No Job (no reboot, no reset) is ever created twice.
