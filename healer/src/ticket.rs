@@ -928,4 +928,32 @@ workflows:
             assert_eq!(!next.jobs.is_empty(), kept, "{status:?}");
         }
     }
+
+    #[test]
+    fn hand_edited_jobs_are_read_and_written_back_normalized() {
+        // The fuzz seed `fuzz/seeds/ticket_annotation/jobs`: a duplicate, control characters,
+        // a missing `since`.
+        let text = include_str!("../../fuzz/seeds/ticket_annotation/jobs");
+        let t = Ticket::from_annotation("n1", text).unwrap();
+        assert_eq!(t.jobs.len(), 3);
+        let again = t.to_annotation("n1").unwrap();
+        let back = Ticket::from_annotation("n1", &again).unwrap();
+        assert_eq!(back.jobs.len(), 2, "{again}");
+        let blocked = back.jobs.iter().find(|j| j.job_id == "train-42").unwrap();
+        assert_eq!(
+            blocked.since,
+            "2026-12-04T01:00:00Z".parse::<Timestamp>().unwrap()
+        );
+        assert_eq!(blocked.victim_nodes, Some(7));
+        assert!(
+            back.jobs
+                .iter()
+                .all(|j| !j.job_id.chars().any(char::is_control))
+        );
+        // Written back once, it is stable: its own relations change nothing.
+        let mut same = back.clone();
+        let own = back.jobs.clone();
+        assert!(!same.record_jobs(&own));
+        assert_eq!(same.to_annotation("n1").unwrap(), again);
+    }
 }
