@@ -168,7 +168,8 @@ pub struct NodePlan {
     /// The training jobs the node's firing job alerts ([`JOB_CONDITIONS`] with a `job_id`) tie it
     /// to, clipped, at most [`crate::ticket::JOBS_MAX`]: recorded in whichever ticket the node
     /// has, whatever condition it works on (one ticket per node, never a second SOP for them).
-    #[serde(skip)]
+    /// In `plan --output json` only when there are any (the shape is the ticket's `jobs`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub jobs: Vec<JobRelation>,
 }
 

@@ -503,3 +503,33 @@ fn the_plan_carries_the_nodes_job_relations_whatever_it_chose() {
     assert_eq!(n2.jobs.len(), 1);
     assert_eq!(n2.jobs[0].job_id, "train-3");
 }
+
+/// `plan --output json` shows a node's job relations only when it has any: the shape of a node
+/// without job alerts is unchanged.
+#[test]
+fn plan_json_shows_jobs_only_when_there_are_any() {
+    let cat = Catalog::embedded().unwrap();
+    let mut job = alert("n2", "JobBlockedByNode");
+    job.labels.insert("job_id".into(), "train-7".into());
+    let alerts = vec![alert("n1", "GpuHung"), job];
+    let p = plan(
+        &alerts,
+        &cat,
+        &cfg(5),
+        &view(vec![node("n1"), node("n2")]),
+        now(),
+    );
+    let v = serde_json::to_value(&p).unwrap();
+    let by = |n: &str| {
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["node"] == n)
+            .unwrap()
+            .clone()
+    };
+    assert!(by("n1").get("jobs").is_none(), "{v}");
+    assert_eq!(by("n2")["jobs"][0]["jobId"], "train-7", "{v}");
+    assert_eq!(by("n2")["jobs"][0]["condition"], "JobBlockedByNode");
+}
