@@ -1,8 +1,8 @@
 //! The ticket lifecycle: every transition a ticket goes through — open, continue, supersede,
-//! re-plan, begin a step, record its outcome, block, finish, close — as pure functions over
-//! [`Ticket`]. The executor decides nothing about tickets itself: it asks this module what the
-//! ticket becomes and writes that. Unit-tested case by case here and property-tested against the
-//! safety invariants in `tests.rs`.
+//! re-plan, begin a step, record its outcome, block, finish, close, record the node's jobs — as
+//! pure functions over [`Ticket`]. The executor decides nothing about tickets itself: it asks
+//! this module what the ticket becomes and writes that. Unit-tested case by case here and
+//! property-tested against the safety invariants in `tests.rs`.
 
 use jiff::Timestamp;
 
