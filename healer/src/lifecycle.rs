@@ -1,8 +1,8 @@
 //! The ticket lifecycle: every transition a ticket goes through — open, continue, supersede,
-//! re-plan, begin a step, record its outcome, block, finish, close — as pure functions over
-//! [`Ticket`]. The executor decides nothing about tickets itself: it asks this module what the
-//! ticket becomes and writes that. Unit-tested case by case here and property-tested against the
-//! safety invariants in `tests.rs`.
+//! re-plan, begin a step, record its outcome, block, finish, close, record the node's jobs — as
+//! pure functions over [`Ticket`]. The executor decides nothing about tickets itself: it asks
+//! this module what the ticket becomes and writes that. Unit-tested case by case here and
+//! property-tested against the safety invariants in `tests.rs`.
 
 use jiff::Timestamp;
 
@@ -260,6 +260,14 @@ pub fn step_error(step: &Step, started: Timestamp, now: Timestamp, error: &str) 
     }
 }
 
+/// The plan's job relations are recorded in the ticket the pass works on (whatever its
+/// condition: the node has one ticket, and a job alert that is not the node's most urgent
+/// condition starts nothing). Returns true when the ticket changed and must be written; the same
+/// relations again return false, so a pass that has nothing else to write writes nothing.
+pub fn record_jobs(t: &mut Ticket, p: &NodePlan) -> bool {
+    t.record_jobs(&p.jobs)
+}
+
 /// Every step succeeded: the ticket is resolved.
 pub fn finish(t: &mut Ticket, now: Timestamp) {
     t.status = TicketStatus::Resolved;
@@ -278,6 +286,7 @@ pub fn close_unstarted(current: Option<Ticket>, now: Timestamp) -> Option<Ticket
 
 /// The ticket to write when plan `p` is blocked for `reason` (budget, cooldown, repeat
 /// offender), or `None` when nothing needs writing (unchanged, or a ticket we must not touch).
+/// The plan's job relations are recorded as well ([`record_jobs`]).
 pub fn block(
     current: Option<Ticket>,
     p: &NodePlan,
@@ -296,9 +305,10 @@ pub fn block(
         Some(t) if reason == BlockReason::Cooldown => t,
         prev => fresh(prev.as_ref()),
     };
+    let jobs_changed = record_jobs(&mut t, p);
     let mut clipped = message.to_owned();
     clip_text(&mut clipped);
-    if t.blocked.as_deref() == Some(clipped.as_str()) {
+    if t.blocked.as_deref() == Some(clipped.as_str()) && !jobs_changed {
         return None;
     }
     t.blocked = Some(clipped);

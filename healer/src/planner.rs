@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::alerts::{Alert, AlertStatus};
 use crate::catalog::{Catalog, PriorityClass, Step};
 use crate::config::Config;
-use crate::ticket::{Ticket, TicketStatus};
+use crate::ticket::{JOB_CONDITIONS, JobRelation, Ticket, TicketStatus, normalize_jobs};
 
 /// What the planner needs to know about one node.
 #[derive(Debug, Clone, PartialEq)]
@@ -165,6 +165,12 @@ pub struct NodePlan {
     /// this node's ticket has not disrupted yet.
     #[serde(skip)]
     pub needs_confirmation: bool,
+    /// The training jobs the node's firing job alerts ([`JOB_CONDITIONS`] with a `job_id`) tie it
+    /// to, clipped, at most [`crate::ticket::JOBS_MAX`]: recorded in whichever ticket the node
+    /// has, whatever condition it works on (one ticket per node, never a second SOP for them).
+    /// In `plan --output json` only when there are any (the shape is the ticket's `jobs`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<JobRelation>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -412,6 +418,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             }
         }
         fingerprints.sort();
+        let jobs = job_relations(by_node.get(node).map_or(&[][..], Vec::as_slice));
         let condition_firing = state.unwrap_or(!silence_means_resolved);
         let ticket_disrupted = matches!(ticket, Some(Ok(t)) if continues_ticket && t.disrupted);
         let dry_run = config.dry_run || sop.dry_run || !view.live;
@@ -436,6 +443,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             condition_firing,
             gpu: gpu.unwrap_or_else(|| "all".into()),
             needs_confirmation: sop.disrupts() && !ticket_disrupted,
+            jobs,
         });
     }
 
@@ -485,6 +493,26 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         })
         .collect();
     out
+}
+
+/// The job relations of a node's firing alerts: condition in [`JOB_CONDITIONS`], a non-empty
+/// `job_id` label, the `victim_nodes` annotation; clipped and bounded like the ticket stores them.
+fn job_relations(alerts: &[&Alert]) -> Vec<JobRelation> {
+    let mut jobs: Vec<JobRelation> = alerts
+        .iter()
+        .filter(|a| a.status == AlertStatus::Firing)
+        .filter(|a| a.condition().is_some_and(|c| JOB_CONDITIONS.contains(&c)))
+        .filter_map(|a| {
+            JobRelation::new(
+                a.labels.get("job_id").map_or("", String::as_str),
+                a.condition().unwrap_or_default(),
+                a.annotations.get("victim_nodes").map(String::as_str),
+                a.starts_at,
+            )
+        })
+        .collect();
+    normalize_jobs(&mut jobs);
+    jobs
 }
 
 mod guard;

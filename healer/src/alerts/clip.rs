@@ -16,9 +16,9 @@ pub const MAX_VALUE_BYTES: usize = 1024;
 /// Bytes of a fingerprint; a longer one is replaced by its 16-hex FNV-1a hash.
 pub const MAX_FINGERPRINT_BYTES: usize = 64;
 
-/// Kept first when there are too many entries: the healer reads these (and `summary` is the
-/// ticket's reason); the rest follow in key order.
-pub const FIRST_KEYS: [&str; 8] = [
+/// Kept first when there are too many entries: the healer reads these (`summary` is the
+/// ticket's reason; `job_id` and `victim_nodes` go into its `jobs`); the rest follow in key order.
+pub const FIRST_KEYS: [&str; 10] = [
     "node",
     "condition",
     "gpu",
@@ -27,6 +27,8 @@ pub const FIRST_KEYS: [&str; 8] = [
     "severity",
     "alertname",
     "summary",
+    "job_id",
+    "victim_nodes",
 ];
 
 /// What clipping changed while one alert was built.

@@ -240,3 +240,69 @@ fn priority_classes() {
     assert_eq!(PriorityClass::of(999), PriorityClass::CanIgnore);
     assert_eq!(PriorityClass::of(1000), PriorityClass::MustIgnore);
 }
+
+/// Issue 18: the cross-node job conditions. JobBlockedByNode acts alone only when no hardware
+/// alert covers the culprit's error (every hardware condition is more urgent), and then cordons,
+/// diagnoses and hands to people — nothing more disruptive; JobStragglerNode takes nothing out
+/// of service. Both are the conditions the ticket records jobs for.
+#[test]
+fn job_conditions_resolve_with_their_priority_and_sop() {
+    let c = Catalog::embedded().unwrap();
+    let p = |n: &str| c.condition(n).unwrap().priority;
+    let sop = |cond: &str| &c.sop(&c.condition(cond).unwrap().sop).unwrap().steps;
+    for (cond, priority, sop_name) in [
+        ("JobBlockedByNode", 9, "cordon-diagnose"),
+        ("JobStragglerNode", 45, "diagnose-notify"),
+    ] {
+        assert_eq!(c.resolve(Some(cond), None), Some(cond));
+        let spec = c.condition(cond).unwrap();
+        assert_eq!((spec.priority, spec.sop.as_str()), (priority, sop_name));
+        assert_eq!(PriorityClass::of(spec.priority), PriorityClass::Emergency);
+    }
+    for hw in [
+        "GpuFellOffBus",
+        "NvswitchSxidFatal",
+        "GpuRebootRequired",
+        "GpuResetRequired",
+        "GpuXidFatal",
+        "GpuEccDoubleBit",
+        "GpuRowRemapFailure",
+        "GpuHung",
+        "GpuNvlinkDown",
+        "PcieAerUncorrected",
+        "IbPortDown",
+        "IbLinkFlapping",
+        "GpuDrainAndReset",
+        "KernelHungTasks",
+    ] {
+        assert!(
+            p(hw) < p("JobBlockedByNode"),
+            "{hw} must win on the culprit"
+        );
+    }
+    // Before the symptoms it explains; the straggler after the stall.
+    for soft in ["NetworkRetransmitStorm", "DiskIoSlow", "WorkloadStalled"] {
+        assert!(p("JobBlockedByNode") < p(soft), "{soft}");
+    }
+    assert!(p("WorkloadStalled") < p("JobStragglerNode"));
+
+    let blocked = sop("JobBlockedByNode");
+    assert_eq!(blocked[0], Step::Cordon);
+    assert_eq!(blocked.last(), Some(&Step::Escalate));
+    assert!(
+        blocked
+            .iter()
+            .any(|s| matches!(s, Step::RunJob { template, .. } if template == "diagnose"))
+    );
+    assert!(
+        blocked
+            .iter()
+            .filter(|s| s.disrupts())
+            .all(|s| matches!(s, Step::Cordon | Step::Taint { .. })),
+        "{blocked:?}"
+    );
+    assert!(!c.sop("diagnose-notify").unwrap().disrupts());
+    for j in crate::ticket::JOB_CONDITIONS {
+        assert!(c.condition(j).is_some(), "{j}");
+    }
+}

@@ -24,9 +24,17 @@ use crate::k8s::{Cluster, Fence, node_ticket};
 use crate::lifecycle::{self, ErrorVerdict, Start};
 use crate::metrics::Metrics;
 use crate::planner::{self, BlockReason, ClusterView, NodePlan, Plan};
-use crate::ticket::{StepStatus, TICKET_ANNOTATION, Ticket};
+use crate::ticket::{JobRelation, StepStatus, TICKET_ANNOTATION, Ticket};
 use crate::{Error, Result};
 use steps::{JobTemplates, Outcome, StepCtx};
+
+/// What was last reported for a blocked node (bounded: the plan clips and bounds its jobs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Reported {
+    reason: BlockReason,
+    message: String,
+    jobs: Vec<JobRelation>,
+}
 
 /// How the executor runs (from the configuration).
 #[derive(Debug, Clone)]
@@ -43,9 +51,9 @@ pub struct Executor<C> {
     audit: Audit,
     metrics: Metrics,
     fence: Fence,
-    /// Last block reported per node (reason, message): a block is counted once per node and
-    /// reason, not once per pass; the ticket is rewritten only when the message changes.
-    reported: Mutex<HashMap<String, (BlockReason, String)>>,
+    /// Last block reported per node: a block is counted once per node and reason, not once per
+    /// pass; the ticket is rewritten only when the message or the plan's job relations change.
+    reported: Mutex<HashMap<String, Reported>>,
 }
 
 impl<C: Cluster> Executor<C> {
@@ -153,7 +161,7 @@ impl<C: Cluster> Executor<C> {
         .await;
     }
 
-    fn reported_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (BlockReason, String)>> {
+    fn reported_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Reported>> {
         self.reported.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -224,6 +232,9 @@ impl<C: Cluster> Executor<C> {
                     ticket
                 }
             };
+            // The job relations ride along with whatever this pass writes; when it writes
+            // nothing else (a Job still running), they are written on their own, once.
+            let jobs_changed = lifecycle::record_jobs(&mut ticket, p);
             let Some(index) = ticket.next_step(p.step_list.len()) else {
                 return self.finish(c, &node, p, ticket, now).await;
             };
@@ -269,8 +280,11 @@ impl<C: Cluster> Executor<C> {
                 Err(e) => match lifecycle::step_error(step, started, now, &e.to_string()) {
                     ErrorVerdict::Escalate { message } => Outcome::Failed { message },
                     ErrorVerdict::Retry { message } => {
+                        // A step that never started writes nothing (nothing happened; a new
+                        // ticket is written with its first step's record).
                         if running.is_some()
-                            && lifecycle::wait(&mut ticket, index, step, message, None, now)
+                            && (lifecycle::wait(&mut ticket, index, step, message, None, now)
+                                || jobs_changed)
                         {
                             self.write(c, &node, &ticket, None, &mut opening, p).await?;
                         }
@@ -321,6 +335,8 @@ impl<C: Cluster> Executor<C> {
                     if lifecycle::wait(&mut ticket, index, step, message.clone(), job, now) {
                         self.write(c, &node, &ticket, None, &mut opening, p).await?;
                         self.audit_step(p, Some(index), step.action(), "Running", &message);
+                    } else if jobs_changed {
+                        self.write(c, &node, &ticket, None, &mut opening, p).await?;
                     }
                     return Ok(());
                 }

@@ -4,7 +4,7 @@
 
 use jiff::Timestamp;
 
-use super::{Executor, ticket_patch};
+use super::{Executor, Reported, ticket_patch};
 use crate::audit::AuditRecord;
 use crate::k8s::{Cluster, node_ticket};
 use crate::lifecycle;
@@ -111,13 +111,25 @@ impl<C: Cluster> Executor<C> {
     ) {
         let message = format!("{}: {message}", p.condition);
         let message = message.as_str();
-        let new_reason = {
+        let (new_reason, same_block) = {
             let mut rep = self.reported_map();
-            let prev = rep.insert(p.node.clone(), (reason, message.to_owned()));
+            let prev = rep.insert(
+                p.node.clone(),
+                Reported {
+                    reason,
+                    message: message.to_owned(),
+                    jobs: p.jobs.clone(),
+                },
+            );
             match prev {
-                Some((r, m)) if r == reason && m == message => return,
-                Some((r, _)) => r != reason,
-                None => true,
+                // Unchanged: nothing to count, log or write.
+                Some(r) if r.reason == reason && r.message == message && r.jobs == p.jobs => {
+                    return;
+                }
+                // Only the job relations changed: the ticket records them, the block is old news.
+                Some(r) if r.reason == reason && r.message == message => (false, true),
+                Some(r) => (r.reason != reason, false),
+                None => (true, false),
             }
         };
         if new_reason {
@@ -126,23 +138,26 @@ impl<C: Cluster> Executor<C> {
                 .with_label_values(&[reason.label()])
                 .inc();
         }
-        tracing::info!(node = %p.node, condition = %p.condition, reason = reason.label(), "Remediation blocked: {message}");
-        self.audit.record(&AuditRecord {
-            ts: Timestamp::now(),
-            node: &p.node,
-            condition: &p.condition,
-            sop: &p.sop,
-            step: None,
-            action: "Plan",
-            status: "Blocked",
-            message,
-            dry_run: dry,
-        });
+        if !same_block {
+            tracing::info!(node = %p.node, condition = %p.condition, reason = reason.label(), "Remediation blocked: {message}");
+            self.audit.record(&AuditRecord {
+                ts: Timestamp::now(),
+                node: &p.node,
+                condition: &p.condition,
+                sop: &p.sop,
+                step: None,
+                action: "Plan",
+                status: "Blocked",
+                message,
+                dry_run: dry,
+            });
+        }
         let Some(c) = &self.cluster else { return };
         // A ticket a human broke is never rewritten, but it is announced where people look: one
         // Warning Event per distinct problem (this point is reached once per reason/message).
         if reason == BlockReason::InvalidTicket
             && !dry
+            && !same_block
             && let Ok(Some(node)) = c.get_node(&p.node).await
         {
             c.event(

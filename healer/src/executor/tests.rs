@@ -270,6 +270,7 @@ const CONDITIONS: &[&str] = &[
     "WorkloadStalled",
     "NodeNotReady",
     "IbLinkFlapping",
+    "JobBlockedByNode",
 ];
 const FAILABLE: &[&str] = &["patch", "evict", "get_job", "create_job", "get_node"];
 
@@ -312,6 +313,12 @@ async fn run_ops(ops: Vec<Op>) -> std::result::Result<(), TestCaseError> {
                         AlertStatus::Resolved
                     },
                 );
+                if CONDITIONS[c].starts_with("Job") {
+                    // Two jobs, so relations come and go on every node.
+                    let job = format!("train-{}", starts % 2);
+                    a.fingerprint = format!("{}/{job}", a.fingerprint);
+                    a.labels.insert("job_id".into(), job);
+                }
                 // A new occurrence after a resolution starts later.
                 starts += 1;
                 if firing {
@@ -352,6 +359,8 @@ async fn run_ops(ops: Vec<Op>) -> std::result::Result<(), TestCaseError> {
                         .and_then(|a| a.get(TICKET_ANNOTATION))
                     {
                         prop_assert!(text.len() <= TICKET_MAX_BYTES);
+                        let t = Ticket::from_annotation("n", text).unwrap();
+                        prop_assert!(t.jobs.len() <= 2, "{:?}", t.jobs);
                     }
                 }
                 // No Job (no reboot, no reset) is ever created twice.
@@ -457,4 +466,369 @@ async fn an_escalated_ticket_is_reported_until_it_is_cleared() {
             .get(),
         1
     );
+}
+
+// ---- issue 18: job relations on the node's one ticket ----
+
+/// A firing job alert (`JobBlockedByNode`, `JobStragglerNode`) for `job` on `node`.
+fn job_alert(node: &str, condition: &str, job: &str, victims: &str) -> crate::alerts::Alert {
+    let mut a = alert(node, condition, AlertStatus::Firing);
+    a.fingerprint = format!("{node}/{condition}/{job}");
+    a.labels.insert("job_id".into(), job.into());
+    a.labels.insert("severity".into(), "critical".into());
+    a.labels.insert("resource".into(), "gpu-3".into());
+    a.labels.insert("cause".into(), "error.hw".into());
+    a.annotations
+        .insert("victim_nodes".into(), victims.to_owned());
+    a
+}
+
+impl World {
+    fn patches(&self, node: &str) -> usize {
+        self.cluster()
+            .lock()
+            .writes
+            .iter()
+            .filter(|(op, n, _)| op == "patch" && n == node)
+            .count()
+    }
+
+    fn ticket_text(&self, node: &str) -> String {
+        let s = self.cluster().lock();
+        s.nodes[node].metadata.annotations.as_ref().unwrap()[TICKET_ANNOTATION].clone()
+    }
+
+    /// The healer restarted: a new executor (no memory) over the same cluster and alerts.
+    fn restarted(&self) -> World {
+        let w = world(self.catalog.clone(), self.config.budget.max_unschedulable);
+        {
+            let old = self.cluster().lock();
+            let mut new = w.cluster().lock();
+            new.nodes = old.nodes.clone();
+            new.jobs = old.jobs.clone();
+            new.jobs_created = old.jobs_created.clone();
+        }
+        let mut w = w;
+        for a in self.store.snapshot() {
+            w.store.apply(a, Timestamp::now());
+        }
+        w
+    }
+}
+
+/// A node in the middle of a GPU reset: GpuHung's SOP has cordoned, tainted, drained it and its
+/// gpu-reset Job runs. Quiet passes write nothing (the baseline the tests below count against).
+async fn gpu_reset_running() -> World {
+    let mut w = world(Catalog::embedded().unwrap(), 2);
+    w.cluster().add_node("n1", false);
+    w.cluster().add_node("n2", false);
+    w.store.apply(
+        alert("n1", "GpuHung", AlertStatus::Firing),
+        Timestamp::now(),
+    );
+    w.pass().await;
+    let t = w.ticket("n1").unwrap();
+    assert_eq!(t.workflows.len(), 4, "{t:?}"); // Cordon Taint Drain RunJob(running)
+    assert_eq!(w.cluster().lock().jobs_created.len(), 1);
+    w.pass().await; // the Job's first status is recorded ("running")
+    let before = w.patches("n1");
+    w.pass().await;
+    w.pass().await;
+    assert_eq!(w.patches("n1"), before, "a quiet pass writes nothing");
+    w
+}
+
+/// (a) Per-node single ticket: the culprit's gpu-reset runs; JobBlockedByNode for the same node
+/// is recorded in that ticket — no second SOP, no second Job, no extra cordon — in one write.
+#[tokio::test]
+async fn a_job_alert_on_a_node_under_repair_is_recorded_in_its_ticket_not_a_second_sop() {
+    let mut w = gpu_reset_running().await;
+    let before = w.ticket("n1").unwrap();
+    let patches = w.patches("n1");
+    let writes = w.cluster().lock().writes.len();
+    w.store.apply(
+        job_alert("n1", "JobBlockedByNode", "train-42", "7"),
+        Timestamp::now(),
+    );
+    let p = w.pass().await;
+    let np = p.nodes.iter().find(|p| p.node == "n1").unwrap();
+    assert_eq!(np.condition, "GpuHung");
+    assert!(
+        np.deferred
+            .iter()
+            .any(|d| d.condition == "JobBlockedByNode")
+    );
+    let t = w.ticket("n1").unwrap();
+    assert_eq!(t.condition, "GpuHung");
+    assert_eq!(
+        t.created_at, before.created_at,
+        "the same ticket, not a new one"
+    );
+    assert_eq!(
+        t.workflows, before.workflows,
+        "no step ran, none was recorded"
+    );
+    assert_eq!(t.jobs.len(), 1, "{t:?}");
+    assert_eq!(t.jobs[0].job_id, "train-42");
+    assert_eq!(t.jobs[0].condition, "JobBlockedByNode");
+    assert_eq!(t.jobs[0].victim_nodes, Some(7));
+    assert!(w.ticket_text("n1").contains("train-42"));
+    assert_eq!(w.patches("n1"), patches + 1, "one write: the relation");
+    let s = w.cluster().lock();
+    assert_eq!(
+        s.jobs_created.len(),
+        1,
+        "no second Job: {:?}",
+        s.jobs_created
+    );
+    // The only write of that pass is the ticket patch (no cordon, taint, eviction or Job).
+    let new: Vec<_> = s.writes[writes..].iter().collect();
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert_eq!(new[0].0, "patch");
+    let n1 = &s.nodes["n1"];
+    let taints = n1
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default();
+    assert_eq!(taints.len(), 1, "{taints:?}");
+    assert!(s.nodes.get("n2").unwrap().metadata.annotations.is_none());
+}
+
+/// (b) JobBlockedByNode alone (an error no hardware alert covers): cordon-diagnose runs for it
+/// and its ticket records the job.
+#[tokio::test]
+async fn a_job_alert_alone_runs_cordon_diagnose_and_records_the_job() {
+    let mut w = world(Catalog::embedded().unwrap(), 2);
+    w.cluster().add_node("n1", false);
+    w.store.apply(
+        job_alert("n1", "JobBlockedByNode", "train-42", "3"),
+        Timestamp::now(),
+    );
+    w.pass().await; // Cordon, Taint, RunJob(diagnose) created
+    let t = w.ticket("n1").unwrap();
+    assert_eq!(t.condition, "JobBlockedByNode");
+    assert_eq!(t.sop.as_deref(), Some("cordon-diagnose"));
+    assert_eq!(t.jobs.len(), 1, "{t:?}");
+    assert_eq!(
+        (t.jobs[0].job_id.as_str(), t.jobs[0].victim_nodes),
+        ("train-42", Some(3))
+    );
+    assert_eq!(w.cluster().unschedulable(), 1);
+    let jobs = w.jobs();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert!(jobs[0].starts_with("ark-diagnose-n1-"), "{jobs:?}");
+    w.cluster().finish_job(&jobs[0], true);
+    w.pass().await; // diagnose done, Escalate
+    let t = w.ticket("n1").unwrap();
+    assert_eq!(t.status, TicketStatus::Escalated);
+    assert_eq!(t.jobs.len(), 1);
+    // Escalated: held for people; the same alert again writes nothing.
+    let patches = w.patches("n1");
+    w.pass().await;
+    assert_eq!(w.patches("n1"), patches);
+}
+
+/// (c) The same alert again and again (Alertmanager re-sends, every pass) is one write.
+#[tokio::test]
+async fn the_same_job_alert_repeated_is_written_once() {
+    let mut w = gpu_reset_running().await;
+    let patches = w.patches("n1");
+    for _ in 0..20 {
+        w.store.apply(
+            job_alert("n1", "JobBlockedByNode", "train-42", "7"),
+            Timestamp::now(),
+        );
+        w.pass().await;
+    }
+    assert_eq!(w.patches("n1"), patches + 1);
+    let since = w.ticket("n1").unwrap().jobs[0].since;
+    // A new occurrence with another victim count is a change: one more write, then quiet again.
+    // (The store keeps an occurrence as first received: a re-send of the same occurrence with
+    // other annotations is a duplicate.)
+    for _ in 0..5 {
+        let mut a = job_alert("n1", "JobBlockedByNode", "train-42", "9");
+        a.starts_at = "2026-11-22T11:30:00Z".parse().unwrap();
+        w.store.apply(a, Timestamp::now());
+        w.pass().await;
+    }
+    assert_eq!(w.patches("n1"), patches + 2);
+    let t = w.ticket("n1").unwrap();
+    assert_eq!(t.jobs.len(), 1);
+    assert_eq!(t.jobs[0].victim_nodes, Some(9));
+    assert_eq!(t.jobs[0].since, since, "since: the first occurrence");
+    // Resolved: the record stays (the ticket is the incident's record), nothing is written.
+    let mut resolved = job_alert("n1", "JobBlockedByNode", "train-42", "9");
+    resolved.starts_at = "2026-11-22T11:30:00Z".parse().unwrap();
+    resolved.status = AlertStatus::Resolved;
+    w.store.apply(resolved, Timestamp::now());
+    w.pass().await;
+    assert_eq!(w.patches("n1"), patches + 2);
+    assert_eq!(w.ticket("n1").unwrap().jobs.len(), 1);
+}
+
+/// (d) 100 distinct jobs: at most 16 recorded (the newest), the ticket fits, and once they are
+/// recorded nothing more is written.
+#[tokio::test]
+async fn a_hundred_jobs_are_bounded_to_the_newest_sixteen() {
+    let mut w = gpu_reset_running().await;
+    let patches = w.patches("n1");
+    let t0 = Timestamp::now();
+    for i in 0..100 {
+        let mut a = job_alert("n1", "JobStragglerNode", &format!("train-{i:03}"), "1");
+        a.starts_at = Timestamp::from_second(t0.as_second() - 1000 + i).unwrap();
+        w.store.apply(a, Timestamp::now());
+    }
+    w.pass().await;
+    let t = w.ticket("n1").unwrap();
+    assert_eq!(t.jobs.len(), crate::ticket::JOBS_MAX, "{:?}", t.jobs);
+    assert_eq!(t.jobs[0].job_id, "train-084");
+    assert_eq!(t.jobs[15].job_id, "train-099");
+    assert!(w.ticket_text("n1").len() <= TICKET_MAX_BYTES);
+    assert_eq!(w.patches("n1"), patches + 1);
+    for _ in 0..5 {
+        w.pass().await;
+    }
+    assert_eq!(w.patches("n1"), patches + 1, "no write per pass");
+    // One at a time, each new job is one write, and the list never grows past the bound.
+    for i in 100..140 {
+        let mut a = job_alert("n1", "JobStragglerNode", &format!("train-{i:03}"), "1");
+        a.starts_at = Timestamp::from_second(t0.as_second() - 1000 + i).unwrap();
+        w.store.apply(a, Timestamp::now());
+        w.pass().await;
+        w.pass().await;
+        assert_eq!(w.ticket("n1").unwrap().jobs.len(), crate::ticket::JOBS_MAX);
+    }
+    assert_eq!(w.patches("n1"), patches + 1 + 40);
+}
+
+/// (e) Hostile label values: a huge job id full of control characters is clipped before it
+/// reaches the ticket, and distinct huge ids stay distinct.
+#[tokio::test]
+async fn hostile_job_ids_are_clipped() {
+    let mut w = gpu_reset_running().await;
+    let evil = format!("train\n\u{1b}[31m\0{}", "x".repeat(100_000));
+    let (a, _) = crate::alerts::Alert::from_webhook(crate::alerts::WebhookAlert {
+        status: AlertStatus::Firing,
+        labels: job_alert("n1", "JobBlockedByNode", &evil, "")
+            .labels
+            .into_iter()
+            .collect(),
+        annotations: [("victim_nodes".to_owned(), "lots; rm -rf /".to_owned())].into(),
+        starts_at: Timestamp::now(),
+        ends_at: Timestamp::from_second(-62_135_596_800).unwrap(),
+        generator_url: String::new(),
+        fingerprint: "evil-1".into(),
+    });
+    w.store.apply(a, Timestamp::now());
+    let mut other = job_alert("n1", "JobBlockedByNode", &format!("{evil}y"), "2");
+    other.fingerprint = "evil-2".into();
+    other
+        .labels
+        .insert("job_id".into(), format!("{}y", "z".repeat(2000)));
+    w.store.apply(other, Timestamp::now());
+    w.pass().await;
+    let t = w.ticket("n1").unwrap();
+    assert_eq!(t.jobs.len(), 2, "{:?}", t.jobs);
+    for j in &t.jobs {
+        assert!(
+            j.job_id.len() <= crate::ticket::JOB_ID_MAX,
+            "{}",
+            j.job_id.len()
+        );
+        assert!(!j.job_id.chars().any(char::is_control), "{:?}", j.job_id);
+    }
+    assert_ne!(t.jobs[0].job_id, t.jobs[1].job_id);
+    let evil_rec = t
+        .jobs
+        .iter()
+        .find(|j| j.job_id.starts_with("train?"))
+        .unwrap();
+    assert_eq!(evil_rec.victim_nodes, None, "not a number: left out");
+    let text = w.ticket_text("n1");
+    assert!(text.len() <= TICKET_MAX_BYTES);
+    assert!(!text.contains('\u{1b}') && !text.contains('\0'));
+}
+
+/// (f) The relation is in the ticket, so it survives a restart: the new healer reads it and,
+/// the same alert still firing, writes nothing; its gpu-reset Job is not created again.
+#[tokio::test]
+async fn the_job_relation_survives_a_restart_without_a_write() {
+    let mut w = gpu_reset_running().await;
+    w.store.apply(
+        job_alert("n1", "JobBlockedByNode", "train-42", "7"),
+        Timestamp::now(),
+    );
+    w.pass().await;
+    let before = w.ticket("n1").unwrap();
+    assert_eq!(before.jobs.len(), 1);
+    let w2 = w.restarted();
+    drop(w);
+    let patches = w2.patches("n1");
+    w2.pass().await;
+    w2.pass().await;
+    assert_eq!(w2.patches("n1"), patches, "nothing new to write");
+    let after = w2.ticket("n1").unwrap();
+    assert_eq!(after.jobs, before.jobs);
+    assert_eq!(after.created_at, before.created_at);
+    assert_eq!(w2.cluster().lock().jobs_created.len(), 1);
+}
+
+/// The relation is kept when the ticket's condition changes: JobBlockedByNode's cordon-diagnose
+/// is superseded by the culprit's GpuFellOffBus; the reboot ticket keeps the job.
+#[tokio::test]
+async fn the_job_relation_is_kept_when_a_more_urgent_condition_supersedes() {
+    let mut w = world(Catalog::embedded().unwrap(), 2);
+    w.cluster().add_node("n1", false);
+    w.store.apply(
+        job_alert("n1", "JobBlockedByNode", "train-42", "3"),
+        Timestamp::now(),
+    );
+    w.pass().await;
+    assert_eq!(w.ticket("n1").unwrap().condition, "JobBlockedByNode");
+    // The job alert resolves (say the job was restarted elsewhere), then the hardware alert.
+    let mut resolved = job_alert("n1", "JobBlockedByNode", "train-42", "3");
+    resolved.status = AlertStatus::Resolved;
+    w.store.apply(resolved, Timestamp::now());
+    w.store.apply(
+        alert("n1", "GpuFellOffBus", AlertStatus::Firing),
+        Timestamp::now(),
+    );
+    w.pass().await;
+    let t = w.ticket("n1").unwrap();
+    assert_eq!(t.condition, "GpuFellOffBus");
+    assert_eq!(t.jobs.len(), 1, "{t:?}");
+    assert_eq!(t.jobs[0].job_id, "train-42");
+    assert!(w.ticket_text("n1").contains("train-42"));
+}
+
+/// A node the budget holds back: its (blocked) ticket records the job, once; a new job is one
+/// more write, the same ones again none.
+#[tokio::test]
+async fn a_blocked_node_records_its_jobs_once() {
+    let mut w = world(Catalog::embedded().unwrap(), 1);
+    w.cluster().add_node("n0", true); // a manual cordon takes the whole budget
+    w.cluster().add_node("n1", false);
+    w.store.apply(
+        job_alert("n1", "JobBlockedByNode", "train-1", "2"),
+        Timestamp::now(),
+    );
+    let p = w.pass().await;
+    assert_eq!(p.nodes[0].block_reason, Some(BlockReason::DisruptionBudget));
+    let t = w.ticket("n1").unwrap();
+    assert!(t.blocked.is_some() && t.workflows.is_empty(), "{t:?}");
+    assert_eq!(t.jobs.len(), 1);
+    let patches = w.patches("n1");
+    w.pass().await;
+    assert_eq!(w.patches("n1"), patches);
+    w.store.apply(
+        job_alert("n1", "JobBlockedByNode", "train-2", "2"),
+        Timestamp::now(),
+    );
+    w.pass().await;
+    w.pass().await;
+    assert_eq!(w.patches("n1"), patches + 1);
+    let t = w.ticket("n1").unwrap();
+    assert_eq!(t.jobs.len(), 2);
+    assert_eq!(w.cluster().unschedulable(), 1, "the budget held");
 }

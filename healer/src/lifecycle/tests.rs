@@ -319,9 +319,16 @@ proptest! {
         p.fingerprint = Some(fp);
         let job = Step::RunJob { template: "gpu-reset".into(), timeout_seconds: 600, disruptive: None };
         p.step_list = vec![job.clone(); crate::catalog::MAX_SOP_STEPS];
+        // The most job relations, each as large as recorded (issue 18).
+        p.jobs = (0..crate::ticket::JOBS_MAX as i64)
+            .map(|i| crate::ticket::JobRelation::new(
+                &format!("{i}{}", "j".repeat(5000)), "JobBlockedByNode", Some("4294967295"),
+                Timestamp::from_second(now().as_second() + i).unwrap()).unwrap())
+            .collect();
         let mut t = match start(previous, &p, now()) {
             Start::Continue(t) | Start::Open { ticket: t, .. } => t,
         };
+        record_jobs(&mut t, &p);
         for (i, m) in messages.into_iter().enumerate() {
             let name = Some(crate::executor::steps::job_name("gpu-reset", &"n".repeat(200), &t.id(), i));
             begin(&mut t, i, &job, name.clone(), now());
@@ -331,6 +338,71 @@ proptest! {
         let text = t.to_annotation("n1");
         prop_assert!(text.is_ok(), "{text:?}");
         prop_assert!(text.unwrap().len() <= TICKET_MAX_BYTES);
+    }
+
+    /// Issue 18: whatever job alerts a node has (any number, hostile ids and counts, any order,
+    /// next to any condition and previous ticket), its plan and its ticket hold at most
+    /// `JOBS_MAX` clipped relations, the ticket fits 4 KiB, and the same alerts after a write and
+    /// a re-read soon change nothing: one write, a second only when the first had to shed other
+    /// fields to fit (then the relations get the room that freed), never one per pass.
+    #[test]
+    fn job_relations_are_bounded_clipped_and_not_rewritten(
+        previous in proptest::option::of(any_ticket()),
+        jobs in proptest::collection::vec(
+            (prop_oneof!["[a-z0-9-]{1,20}", "(?s).{1,40}", text()], 0..2usize,
+             prop_oneof!["[0-9]{1,3}", "(?s).{0,12}"], 0i64..10_000),
+            0..60),
+        c in 0..CONDS.len(),
+    ) {
+        use crate::ticket::{JOB_CONDITIONS, JOB_ID_MAX, JOBS_MAX};
+        let cat = Catalog::embedded().unwrap();
+        let mut alerts = vec![alert("n1", CONDS[c])];
+        for (i, (id, cond, victims, ago)) in jobs.into_iter().enumerate() {
+            let mut a = alert("n1", JOB_CONDITIONS[cond]);
+            a.fingerprint = format!("job-{i}");
+            a.labels.insert("job_id".into(), id);
+            a.annotations.insert("victim_nodes".into(), victims);
+            a.starts_at = Timestamp::from_second(now().as_second() - ago).unwrap();
+            alerts.push(crate::alerts::Alert::from(crate::alerts::WebhookAlert {
+                status: crate::alerts::AlertStatus::Firing,
+                labels: a.labels,
+                annotations: a.annotations,
+                starts_at: a.starts_at,
+                ends_at: Timestamp::from_second(-62_135_596_800).unwrap(),
+                generator_url: String::new(),
+                fingerprint: a.fingerprint,
+            }));
+        }
+        let mut n = node("n1");
+        n.ticket = previous.clone().map(Ok);
+        let config = Config { act_on_can_ignore: true, ..Config::default() };
+        let p = plan(&PlanInput {
+            alerts: &alerts, catalog: &cat, config: &config, view: &one(n), now: now(),
+            silence_means_resolved: true,
+        }).nodes.remove(0);
+        prop_assert!(p.jobs.len() <= JOBS_MAX);
+        let mut t = match start(previous, &p, now()) {
+            Start::Continue(t) | Start::Open { ticket: t, .. } => t,
+        };
+        let mut writes = usize::from(record_jobs(&mut t, &p));
+        for _ in 0..4 {
+            let text = t.to_annotation("n1");
+            prop_assert!(text.is_ok(), "{text:?}");
+            let text = text.unwrap();
+            prop_assert!(text.len() <= TICKET_MAX_BYTES);
+            t = Ticket::from_annotation("n1", &text).unwrap();
+            prop_assert!(t.jobs.len() <= JOBS_MAX);
+            for j in &t.jobs {
+                prop_assert!(j.job_id.len() <= JOB_ID_MAX && !j.job_id.is_empty(), "{:?}", j.job_id);
+                prop_assert!(!j.job_id.chars().any(char::is_control), "{:?}", j.job_id);
+            }
+            if !record_jobs(&mut t, &p) {
+                break;
+            }
+            writes += 1;
+        }
+        prop_assert!(writes <= 2, "{writes} writes for the same alerts");
+        prop_assert!(!record_jobs(&mut t.clone(), &p), "still changing after {writes} writes");
     }
 
     /// I6: a ticket continues only under the exact SOP it pinned.

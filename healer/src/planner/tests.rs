@@ -437,3 +437,99 @@ fn storm_of_10k_alerts_plans_deterministically() {
     assert_eq!(admitted, 20);
     assert!(p1.nodes.iter().all(|n| n.condition == "NodeNotReady"));
 }
+
+/// Issue 18: on a node with a more urgent hardware condition the job alerts are only deferred,
+/// and the plan carries the node's job relations (firing job conditions with a `job_id`),
+/// whatever condition it chose; alone, JobBlockedByNode is the node's condition.
+#[test]
+fn the_plan_carries_the_nodes_job_relations_whatever_it_chose() {
+    let cat = Catalog::embedded().unwrap();
+    let job = |node: &str, condition: &str, id: &str, fp: &str| {
+        let mut a = alert(node, condition);
+        a.fingerprint = format!("{node}/{condition}/{id}/{fp}");
+        a.labels.insert("job_id".into(), id.into());
+        a.annotations.insert("victim_nodes".into(), "4".into());
+        a
+    };
+    let mut resolved = job("n1", "JobStragglerNode", "done", "");
+    resolved.status = AlertStatus::Resolved;
+    let alerts = vec![
+        alert("n1", "GpuFellOffBus"),
+        job("n1", "JobBlockedByNode", "train-1", "gpu-3"),
+        // The same job blocked by a second GPU of the node: one relation.
+        job("n1", "JobBlockedByNode", "train-1", "gpu-4"),
+        job("n1", "JobStragglerNode", "train-2", ""),
+        resolved,
+        job("n1", "JobBlockedByNode", "", "no-id"),
+        // Not a job condition: its job_id is not a relation.
+        job("n1", "WorkloadStalled", "train-9", ""),
+        job("n2", "JobBlockedByNode", "train-3", ""),
+    ];
+    let p = plan(
+        &alerts,
+        &cat,
+        &cfg(5),
+        &view(vec![node("n1"), node("n2")]),
+        now(),
+    );
+    let n1 = p.nodes.iter().find(|n| n.node == "n1").unwrap();
+    assert_eq!(
+        (n1.condition.as_str(), n1.sop.as_str()),
+        ("GpuFellOffBus", "reboot")
+    );
+    let deferred: Vec<_> = n1.deferred.iter().map(|d| d.condition.as_str()).collect();
+    assert_eq!(
+        deferred,
+        vec!["JobBlockedByNode", "WorkloadStalled", "JobStragglerNode"]
+    );
+    let jobs: Vec<_> = n1
+        .jobs
+        .iter()
+        .map(|j| (j.job_id.as_str(), j.condition.as_str(), j.victim_nodes))
+        .collect();
+    assert_eq!(
+        jobs,
+        vec![
+            ("train-1", "JobBlockedByNode", Some(4)),
+            ("train-2", "JobStragglerNode", Some(4))
+        ]
+    );
+    let n2 = p.nodes.iter().find(|n| n.node == "n2").unwrap();
+    assert_eq!(
+        (n2.condition.as_str(), n2.sop.as_str()),
+        ("JobBlockedByNode", "cordon-diagnose")
+    );
+    assert!(n2.disruptive && n2.needs_confirmation);
+    assert_eq!(n2.jobs.len(), 1);
+    assert_eq!(n2.jobs[0].job_id, "train-3");
+}
+
+/// `plan --output json` shows a node's job relations only when it has any: the shape of a node
+/// without job alerts is unchanged.
+#[test]
+fn plan_json_shows_jobs_only_when_there_are_any() {
+    let cat = Catalog::embedded().unwrap();
+    let mut job = alert("n2", "JobBlockedByNode");
+    job.labels.insert("job_id".into(), "train-7".into());
+    let alerts = vec![alert("n1", "GpuHung"), job];
+    let p = plan(
+        &alerts,
+        &cat,
+        &cfg(5),
+        &view(vec![node("n1"), node("n2")]),
+        now(),
+    );
+    let v = serde_json::to_value(&p).unwrap();
+    let by = |n: &str| {
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["node"] == n)
+            .unwrap()
+            .clone()
+    };
+    assert!(by("n1").get("jobs").is_none(), "{v}");
+    assert_eq!(by("n2")["jobs"][0]["jobId"], "train-7", "{v}");
+    assert_eq!(by("n2")["jobs"][0]["condition"], "JobBlockedByNode");
+}
