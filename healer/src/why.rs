@@ -916,28 +916,9 @@ pub fn ticket_view(node: &str, annotation: Option<&str>) -> TicketView {
         attempts: t.attempts,
         step,
         blocked: t.blocked.clone(),
-        jobs: ticket_jobs(text),
+        // The jobs the healer recorded on the ticket (ticket.rs `jobs`); none: `null`.
+        jobs: (!t.jobs.is_empty()).then(|| t.jobs.iter().map(|j| j.job_id.clone()).collect()),
     }))
-}
-
-/// The ticket's optional `jobs` list, read tolerantly: strings as they are, mappings by their
-/// `job_id` (or `id`, `name`) field. Absent or not a list: `None`.
-fn ticket_jobs(text: &str) -> Option<Vec<String>> {
-    let v: serde_yaml::Value = serde_yaml::from_str(text).ok()?;
-    let list = v.get("jobs")?.as_sequence()?;
-    Some(
-        list.iter()
-            .take(64)
-            .filter_map(|j| match j {
-                serde_yaml::Value::String(s) => Some(clip(s.clone())),
-                serde_yaml::Value::Mapping(_) => ["job_id", "jobId", "id", "name"]
-                    .iter()
-                    .find_map(|k| j.get(k).and_then(|x| x.as_str()))
-                    .map(|s| clip(s.to_owned())),
-                _ => None,
-            })
-            .collect(),
-    )
 }
 
 /// Reads the ticket of every culprit node (one GET per distinct node) into `why`.
@@ -1546,7 +1527,10 @@ mod tests {
     #[test]
     fn a_ticket_is_summarised_with_its_current_step_and_optional_jobs() {
         let text = "schema: 2\ncondition: GpuFellOffBus\nstatus: resolving\ncreatedAt: 2026-12-04T02:00:00Z\n\
-                    sop: reboot\njobs: [train, {job_id: other}]\nworkflows:\n\
+                    sop: reboot\njobs:\n\
+                    - {jobId: train, condition: JobBlockedByNode, victimNodes: 2, since: 2026-12-04T02:00:00Z}\n\
+                    - {jobId: other, condition: JobStragglerNode, since: 2026-12-04T02:00:00Z}\n\
+                    workflows:\n\
                     - {action: Cordon, status: Succeeded, at: 2026-12-04T02:00:01Z, step: 0}\n\
                     - {action: Drain, status: Running, at: 2026-12-04T02:00:02Z, step: 2}\n\
                     - {action: Taint, status: Succeeded, at: 2026-12-04T02:00:01Z, step: 1}\n";

@@ -1138,6 +1138,11 @@ async fn a_job_stalled_by_one_node_remediates_only_that_node() -> Result<()> {
         why["culprits"][0]["ticket"]["condition"], "GpuFellOffBus",
         "why shows the healer's ticket: {why}"
     );
+    assert_eq!(
+        why["culprits"][0]["ticket"]["jobs"],
+        serde_json::json!([job]),
+        "why shows the job recorded on the ticket: {why}"
+    );
     let victims: Vec<&str> = why["victims"]
         .as_array()
         .context("victims")?
