@@ -417,6 +417,7 @@ async fn tickets_cmd(kubeconfig: Option<&Path>, all: bool, output: Output) -> an
                     "createdAt": t.created_at, "attempts": t.attempts,
                     "step": t.workflows.last().map(|w| format!("{} {:?}", w.action, w.status)),
                     "blocked": t.blocked, "reason": t.reason,
+                    "jobs": t.jobs.iter().map(|j| &j.job_id).collect::<Vec<_>>(),
                 }));
             }
             Some(Err(e)) => rows.push(serde_json::json!({"node": name, "error": e})),
