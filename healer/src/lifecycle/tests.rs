@@ -84,6 +84,45 @@ fn open_continue_supersede_and_replan() {
     assert!(matches!(replaced, Some(Replaced::SopChanged { .. })));
 }
 
+/// A cordon-diagnose that escalated to people (JobBlockedByNode alone, say), then a more urgent
+/// fault on the node: the new SOP takes the node as the escalated ticket left it, so its final
+/// Uncordon undoes the healer's own cordon instead of leaving it behind.
+#[test]
+fn a_more_urgent_sop_takes_over_an_escalated_tickets_cordon() {
+    let cat = Catalog::embedded().unwrap();
+    let p = plan_for(&cat, "JobBlockedByNode", &one(node("n1")));
+    let Start::Open { mut ticket, .. } = start(None, &p, now()) else {
+        panic!("a new ticket")
+    };
+    succeed(
+        &mut ticket,
+        0,
+        &Step::Cordon,
+        "cordoned".into(),
+        None,
+        true,
+        now(),
+    );
+    ticket.status = TicketStatus::Escalated;
+    let urgent = plan_for(&cat, "GpuHung", &one(node("n1")));
+    let Start::Open {
+        ticket: next,
+        replaced,
+    } = start(Some(ticket), &urgent, now())
+    else {
+        panic!("superseded")
+    };
+    assert!(matches!(replaced, Some(Replaced::Superseded { .. })));
+    assert!(next.cordoned_by_healer && next.disrupted, "{next:?}");
+    // A closed ticket's cordon is not carried (that incident is over).
+    let mut closed = next.clone();
+    closed.status = TicketStatus::Closed;
+    let Start::Open { ticket: fresh, .. } = start(Some(closed), &p, now()) else {
+        panic!("a new ticket")
+    };
+    assert!(!fresh.cordoned_by_healer);
+}
+
 #[test]
 fn schema_1_tickets_continue_only_while_their_records_match_the_steps() {
     let cat = Catalog::embedded().unwrap();
