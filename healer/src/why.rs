@@ -12,9 +12,9 @@
 //! * culprits/victims: the recording rules `job_node:ark_job_culprit:max` and
 //!   `job_node:ark_job_victim:max` (alerts/job.rules.yml) when they have series for the job,
 //!   else the same classification computed here from raw `ark_root_cause` / `ark_waits_on`;
-//! * since when: `ALERTS_FOR_STATE` (its value is the alert's `activeAt`, pending included) of
-//!   `JobBlockedByNode`, else of `WorkloadStalled` on that node and resource, else the first
-//!   sample of the root-cause series within the last hour (15 s resolution).
+//! * since when: the earliest `ALERTS_FOR_STATE` (its value is the alert's `activeAt`, pending
+//!   included) of `JobBlockedByNode` and of `WorkloadStalled` on that node and resource, else the
+//!   first sample of the root-cause series within the last hour (15 s resolution).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -724,13 +724,15 @@ pub fn assemble(
                         state: a.label("alertstate").to_owned(),
                     });
                 }
-                if since.is_none()
-                    && let Some(t) = ev
-                        .alerts_for_state
-                        .iter()
-                        .filter(|s| matches_alert(s, name, node, resource))
-                        .filter_map(|s| ts(s.value))
-                        .min()
+                // The earliest of the two: JobBlockedByNode becomes active only once a victim
+                // waits, which may be long after the culprit's error (and its WorkloadStalled).
+                if let Some(t) = ev
+                    .alerts_for_state
+                    .iter()
+                    .filter(|s| matches_alert(s, name, node, resource))
+                    .filter_map(|s| ts(s.value))
+                    .min()
+                    && since.is_none_or(|s| t < s)
                 {
                     since = Some(t);
                     since_source = Some(format!("ALERTS_FOR_STATE{{alertname=\"{name}\"}}"));
@@ -1384,9 +1386,19 @@ mod tests {
                 state: "firing".into()
             })
         );
-        assert_eq!(c.since, Timestamp::from_second(1_800_000_050).ok());
+        // The earlier activeAt: the culprit's WorkloadStalled saw the error before a victim
+        // waited (JobBlockedByNode needs both).
+        assert_eq!(c.since, Timestamp::from_second(1_799_999_000).ok());
         assert_eq!(
             c.since_source.as_deref(),
+            Some("ALERTS_FOR_STATE{alertname=\"WorkloadStalled\"}")
+        );
+        // And the other way round.
+        let mut early = ev.clone();
+        early.alerts_for_state[1].value = 1_799_998_000.0;
+        let why = assemble("train", "http://p", now(), &early, 50).unwrap();
+        assert_eq!(
+            why.culprits[0].since_source.as_deref(),
             Some("ALERTS_FOR_STATE{alertname=\"JobBlockedByNode\"}")
         );
         // Without JobBlockedByNode, WorkloadStalled's activeAt is the fallback.

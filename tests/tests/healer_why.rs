@@ -234,9 +234,13 @@ async fn why_names_the_culprit_node_and_shows_its_ticket() -> Result<()> {
     );
     // Only the error of the resource in the chain, not node-2's unrelated link-down NIC.
     assert_eq!(c["errors"], serde_json::json!(["error.hw"]));
-    assert_eq!(
-        c["since_source"],
-        "ALERTS_FOR_STATE{alertname=\"JobBlockedByNode\"}"
+    // The earlier of the culprit's JobBlockedByNode and WorkloadStalled (the same evaluation
+    // here, give or take one: either may win).
+    assert!(
+        c["since_source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("ALERTS_FOR_STATE{")),
+        "{c}"
     );
     let since: jiff::Timestamp = c["since"].as_str().context("since")?.parse()?;
     let at: jiff::Timestamp = v["evaluated_at"].as_str().context("at")?.parse()?;
