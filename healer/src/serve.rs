@@ -1,7 +1,8 @@
 //! `ark-healer serve`: the webhook, the alert store, the Lease and the reconcile loop.
 //!
 //! Every replica serves and stores what it receives (`/readyz` = can serve); only the Lease
-//! holder acts. One pass: list the Nodes (one consistent view) → [`planner::plan`] (pure) →
+//! holder acts. One pass: a snapshot of the watch-fed Node view ([`NodeCache`]: one consistent
+//! view, no full LIST; refused when stale) → [`planner::plan`] (pure) →
 //! Alertmanager re-confirms the alerts of plans about to disrupt a node for the first time (I4)
 //! → the executor carries the plan out. On SIGTERM the replica stops writing, then releases the
 //! Lease so the standby takes over at once.
@@ -25,7 +26,7 @@ use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::executor::steps::JobTemplates;
 use crate::executor::{Executor, Settings};
-use crate::k8s::{self, Cluster, Fence, Kube, LeaderElector};
+use crate::k8s::{self, Fence, Kube, LeaderElector, NodeCache};
 use crate::metrics::Metrics;
 use crate::planner::{self, BlockReason, ClusterView, Plan, PlanInput};
 use crate::webhook::{self, AppState};
@@ -103,6 +104,8 @@ struct Loop {
     store: Arc<Mutex<AlertStore>>,
     alertmanager: Option<Alertmanager>,
     executor: Executor<Kube>,
+    /// The watch-fed Node view; `None` without a cluster.
+    cache: Option<NodeCache>,
     started: Instant,
 }
 
@@ -112,16 +115,27 @@ impl Loop {
     }
 
     async fn pass(&self, only: Option<&HashSet<String>>) -> crate::Result<Plan> {
-        let (view, listed): (ClusterView, HashMap<String, Node>) = match self.executor.cluster() {
-            Some(k) => {
-                let nodes = Cluster::list_nodes(k).await?;
-                let view = k8s::view_of(&nodes);
-                let listed = nodes
-                    .into_iter()
-                    .map(|n| (n.metadata.name.clone().unwrap_or_default(), n))
-                    .collect();
-                (view, listed)
-            }
+        let started = Instant::now();
+        let metrics = self.executor.metrics();
+        // The watch-fed view (issue 19): one consistent snapshot, never a full Node LIST.
+        let snapshot = match &self.cache {
+            Some(cache) => match cache.snapshot().await {
+                Ok(s) => Some(s),
+                Err(refusal) => {
+                    metrics
+                        .passes_refused
+                        .with_label_values(&[refusal.label()])
+                        .inc();
+                    return Err(crate::Error::ViewRefused {
+                        reason: refusal.label(),
+                        message: refusal.to_string(),
+                    });
+                }
+            },
+            None => None,
+        };
+        let (view, nodes) = match snapshot {
+            Some(s) => (s.view, s.nodes),
             None => (ClusterView::default(), HashMap::new()),
         };
         let now = Timestamp::now();
@@ -131,6 +145,7 @@ impl Loop {
         // I4: a firing alert Alertmanager stopped re-sending is forgotten before planning.
         self.store().expire(now);
         let alerts = self.store().snapshot();
+        let planning = Instant::now();
         let mut plan = planner::plan(&PlanInput {
             alerts: &alerts,
             catalog: &self.catalog,
@@ -139,11 +154,25 @@ impl Loop {
             now,
             silence_means_resolved: self.started.elapsed() >= STARTUP_GRACE,
         });
+        metrics
+            .plan_duration
+            .observe(planning.elapsed().as_secs_f64());
         if let Some(pause) = self.pause_state().await {
             crate::pause::apply(&mut plan, &pause);
         }
         self.confirm(&mut plan, &alerts, only).await;
+        // The Node objects of the nodes about to advance (saves a GET each); a stale one costs
+        // a 409 and a re-read, never a wrong write.
+        let listed: HashMap<String, Node> = plan
+            .nodes
+            .iter()
+            .filter(|p| p.block_reason.is_none())
+            .filter_map(|p| nodes.get(&p.node).map(|n| (p.node.clone(), Node::clone(n))))
+            .collect();
         self.executor.execute(&plan, &view, &listed, only).await;
+        metrics
+            .pass_duration
+            .observe(started.elapsed().as_secs_f64());
         Ok(plan)
     }
 
@@ -331,6 +360,15 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         max_concurrent_nodes: cfg.max_concurrent_nodes,
     };
     let cluster = kube.map(|k| k.with_fence(fence.clone()));
+    // Every replica keeps the view warm (a standby that takes over plans at once); its reads
+    // are not fenced, its writes are none.
+    let (cache, cache_task) = match &cluster {
+        Some(k) => {
+            let (c, t) = NodeCache::start(k.clone());
+            (Some(c), Some(t))
+        }
+        None => (None, None),
+    };
     let executor = Executor::new(
         cluster,
         settings,
@@ -338,7 +376,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         audit,
         metrics.clone(),
         fence.clone(),
-    );
+    )
+    .with_report_time(interval);
     let dry_run = cfg.dry_run;
     let cfg_queue_bytes = cfg.max_queue_bytes;
     let lp = Arc::new(Loop {
@@ -347,6 +386,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         store,
         alertmanager,
         executor,
+        cache,
         started: Instant::now(),
     });
     let reconciler = {
@@ -373,8 +413,16 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 } else {
                     lp.pass(Some(&only)).await
                 };
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "Reconcile pass failed");
+                match result {
+                    Ok(_) => {}
+                    Err(crate::Error::ViewRefused { reason, message }) => {
+                        // Nothing was written; the nodes of this wake-up are looked at by the
+                        // next full pass, soon.
+                        tracing::warn!(reason, "Reconcile pass refused: {message}");
+                        next_full = next_full.min(Instant::now() + Duration::from_millis(500));
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "Reconcile pass failed"),
                 }
             }
         })
@@ -409,6 +457,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     // Stop acting first, then hand the Lease over: the standby leads at its next look.
     fence.revoke();
     reconciler.abort();
+    if let Some(t) = cache_task {
+        t.abort();
+    }
     if let Some((elector, task)) = elector {
         task.abort();
         match elector.release().await {
