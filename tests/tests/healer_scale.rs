@@ -220,8 +220,11 @@ async fn healer_scale_storm_over_the_fleet_keeps_the_budget_and_settles() -> Res
     };
 
     let dir = tempfile::tempdir()?;
+    // The store's default byte budget (64 MiB) holds ~65,000 alerts of this shape (~1 KiB each
+    // as accounted); the storm must fit whole, so the budget scales with it.
+    let alert_bytes = (n_alerts * 1600).max(64 << 20);
     let cfg = format!(
-        "reconcile_interval_seconds = 5\n[budget]\nmax_unschedulable = {BUDGET}\nmax_unschedulable_percent = 0.0\n[lease]\nnamespace = \"ark-system\"\n"
+        "reconcile_interval_seconds = 5\nmax_alert_bytes = {alert_bytes}\n[budget]\nmax_unschedulable = {BUDGET}\nmax_unschedulable_percent = 0.0\n[lease]\nnamespace = \"ark-system\"\n"
     );
     let healer = Healer::start(&kube, dir.path(), "healer-scale", &cfg)?;
     healer.wait_leader().await?;
@@ -237,6 +240,11 @@ async fn healer_scale_storm_over_the_fleet_keeps_the_budget_and_settles() -> Res
         },
     )
     .await?;
+    let rss_synced = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+    eprintln!(
+        "view synced: {n_nodes} nodes, healer RSS {:.1} MiB",
+        rss_synced as f64 / 1024.0
+    );
     let before = healer.metrics().await?;
     let api_before = apiserver_requests(&admin).await?;
     let cpu_before = cpu_seconds(pid).context("healer cpu")?;
@@ -297,6 +305,10 @@ async fn healer_scale_storm_over_the_fleet_keeps_the_budget_and_settles() -> Res
         r??;
     }
     let posted = start.elapsed();
+    eprintln!(
+        "storm posted in {posted:.1?}; healer RSS {:.1} MiB",
+        proc_status_kib(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0
+    );
 
     // Acting: the budget's nodes reached their Job (no kubelet runs them, so they stay there).
     let jobs: Api<Job> = Api::namespaced(admin.clone(), "ark-system");
@@ -312,6 +324,12 @@ async fn healer_scale_storm_over_the_fleet_keeps_the_budget_and_settles() -> Res
         },
     )
     .await?;
+    eprintln!("acting after {acting:.1?}");
+    let dropped = metric_sum(&healer.metrics().await?, "ark_healer_alerts_dropped_total");
+    ensure!(
+        dropped == 0.0,
+        "{dropped} alerts dropped by the healer's store (store_full)"
+    );
     // Reported: every other node is in ark_healer_node_blocked{reason="disruption_budget"}.
     let reported = wait_for(
         "every other node reported blocked",
@@ -321,6 +339,11 @@ async fn healer_scale_storm_over_the_fleet_keeps_the_budget_and_settles() -> Res
             // /metrics is large at this scale: do not let the probe be the healer's CPU.
             tokio::time::sleep(Duration::from_millis(500)).await;
             let m = healer.metrics().await?;
+            let dropped = metric_sum(&m, "ark_healer_alerts_dropped_total");
+            ensure!(
+                dropped == 0.0,
+                "{dropped} alerts dropped by the healer's store"
+            );
             let blocked = metric_by_labels(&m, "ark_healer_node_blocked")
                 .keys()
                 .filter(|l| l.contains("reason=\"disruption_budget\""))
@@ -329,6 +352,7 @@ async fn healer_scale_storm_over_the_fleet_keeps_the_budget_and_settles() -> Res
         },
     )
     .await?;
+    eprintln!("every other node reported blocked after {reported:.1?}");
     // Every other node's ticket says why it waits (paced writes: N / rate seconds at least).
     let rate = 50.0;
     let ticket_bound = Duration::from_secs_f64(n_nodes as f64 / rate * 2.0 + 120.0);
@@ -337,7 +361,9 @@ async fn healer_scale_storm_over_the_fleet_keeps_the_budget_and_settles() -> Res
         ticket_bound,
         &[&healer.service],
         || async {
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            // A full list of the fleet from this (debug) test is heavy: not more than one per
+            // second per thousand nodes, so the probe does not starve the healer.
+            tokio::time::sleep(Duration::from_secs((n_nodes as u64 / 1000).max(2))).await;
             let list = nodes.list(&ListParams::default()).await?.items;
             let waiting = list
                 .iter()
@@ -436,7 +462,7 @@ async fn healer_scale_storm_over_the_fleet_keeps_the_budget_and_settles() -> Res
          every blocked ticket written: {tickets_at:.1?}\n\
          apiserver requests: {api_requests} at the apiserver (all clients, this test's included), \
          {healer_requests} from the healer ({})\n\
-         healer: peak RSS {:.1} MiB, CPU {cpu:.1} s; view relists {relists}, refused passes {refused}\n\
+         healer: peak RSS {:.1} MiB (with the view synced, before the storm: {:.1} MiB), CPU {cpu:.1} s; view relists {relists}, refused passes {refused}\n\
          budget: max {max_seen} unschedulable at once (limit {BUDGET}); duplicate steps {duplicates}; \
          Jobs {} on {} nodes\n",
         per_node * n_nodes,
@@ -452,6 +478,7 @@ async fn healer_scale_storm_over_the_fleet_keeps_the_budget_and_settles() -> Res
         pass_p99.map_or("?".into(), |v| v.to_string()),
         by_op.join(", "),
         hwm as f64 / 1024.0,
+        rss_synced as f64 / 1024.0,
         job_list.len(),
         job_nodes.len(),
     );
