@@ -4,8 +4,8 @@
 //! production defaults (watch-fed view, write pacing, 5 s reconcile) and a budget of B nodes.
 //!
 //! It asserts what must hold at any size — the budget is never exceeded (a watch counts
-//! unschedulable nodes on every change), no step runs twice (one Job per acting node, one
-//! `create job` request each, ticket steps never repeated), the budget's nodes act and every
+//! unschedulable nodes on every change), no step runs twice (one Job per acting node, ticket
+//! steps never repeated), the budget's nodes act and every
 //! other node is reported blocked — and prints (and writes to `/tmp/ark-healer-scale.txt`)
 //! the numbers: webhook ack p50/p99, plan time per pass, time to acting / reported / all
 //! tickets written, apiserver requests, healer peak RSS and CPU.
@@ -407,9 +407,17 @@ async fn healer_scale_storm_over_the_fleet_keeps_the_budget_and_settles() -> Res
         .get("op=\"create job\"")
         .copied()
         .unwrap_or(0.0);
+    // Unfinished Jobs are never deleted and their names come from the ticket, so the list above
+    // (one per acting node) is the no-second-Job check; a timed-out create that was retried is a
+    // second request, not a second step.
     ensure!(
-        creates as usize == BUDGET,
+        creates as usize >= BUDGET,
         "{creates} create-job requests for {BUDGET} Jobs"
+    );
+    ensure!(
+        job_nodes.len() == BUDGET,
+        "Jobs on {} nodes",
+        job_nodes.len()
     );
     let mut duplicates = 0;
     for n in &list {
