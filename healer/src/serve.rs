@@ -488,3 +488,128 @@ async fn shutdown() {
     }
     tracing::info!("Shutting down: no more actions; releasing the Lease");
 }
+
+#[cfg(test)]
+mod tests {
+    //! The executor as `serve` wires it (acting nodes first, a bound on the time spent
+    //! recording blocks), against the in-memory cluster: a storm of blocked nodes costs one
+    //! ticket write per node, not one per pass, and never holds up the nodes that act.
+
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::k8s::fake::FakeCluster;
+    use crate::k8s::{Cluster, view_of};
+
+    fn executor(report_time: Duration) -> Executor<FakeCluster> {
+        let fence = Fence::new(Duration::from_millis(100));
+        fence.hold_until(Some(Instant::now() + Duration::from_secs(3600)));
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        Executor::new(
+            Some(FakeCluster::new(fence.clone())),
+            Settings {
+                jobs_namespace: "ark-system".into(),
+                max_concurrent_nodes: 16,
+            },
+            JobTemplates::embedded(),
+            Audit::open(None).unwrap(),
+            metrics,
+            fence,
+        )
+        .with_report_time(report_time)
+    }
+
+    async fn pass(exec: &Executor<FakeCluster>, store: &AlertStore, config: &Config) {
+        let c = exec.cluster().unwrap();
+        let nodes = Cluster::list_nodes(c).await.unwrap();
+        let view = view_of(&nodes);
+        let listed: HashMap<String, Node> = nodes
+            .into_iter()
+            .map(|n| (n.metadata.name.clone().unwrap_or_default(), n))
+            .collect();
+        let alerts = store.snapshot();
+        let p = planner::plan(&PlanInput {
+            alerts: &alerts,
+            catalog: &Catalog::embedded().unwrap(),
+            config,
+            view: &view,
+            now: Timestamp::now(),
+            silence_means_resolved: true,
+        });
+        exec.execute(&p, &view, &listed, None).await;
+    }
+
+    fn storm(exec: &Executor<FakeCluster>, nodes: usize) -> (AlertStore, Config) {
+        let mut config = Config::default();
+        config.budget.max_unschedulable = 5;
+        config.budget.max_unschedulable_percent = 0.0;
+        let mut store = AlertStore::new(StoreLimits::from(&config));
+        for i in 0..nodes {
+            let n = format!("n{i:03}");
+            exec.cluster().unwrap().add_node(&n, false);
+            store.apply(
+                crate::testkit::alert_with(&n, "GpuHung", AlertStatus::Firing),
+                Timestamp::now(),
+            );
+        }
+        (store, config)
+    }
+
+    fn patches(exec: &Executor<FakeCluster>) -> HashMap<String, usize> {
+        let mut by_node = HashMap::new();
+        for (op, what, _) in &exec.cluster().unwrap().lock().writes {
+            if op == "patch" {
+                *by_node.entry(what.clone()).or_insert(0) += 1;
+            }
+        }
+        by_node
+    }
+
+    #[tokio::test]
+    async fn a_storm_of_blocked_nodes_is_written_once_per_node_not_once_per_pass() {
+        let exec = executor(Duration::from_secs(60));
+        let (store, config) = storm(&exec, 200);
+        for _ in 0..20 {
+            pass(&exec, &store, &config).await;
+        }
+        let c = exec.cluster().unwrap();
+        assert_eq!(c.unschedulable(), 5);
+        let by_node = patches(&exec);
+        let acting: Vec<&String> = by_node.keys().filter(|n| by_node[*n] > 1).collect();
+        assert_eq!(
+            acting.len(),
+            5,
+            "only the acting nodes are written more than once"
+        );
+        let blocked_once = by_node.values().filter(|v| **v == 1).count();
+        assert_eq!(blocked_once, 195, "{by_node:?}");
+        // And 20 more passes write nothing new for the blocked nodes.
+        let before = patches(&exec);
+        for _ in 0..20 {
+            pass(&exec, &store, &config).await;
+        }
+        let after = patches(&exec);
+        for (n, v) in &after {
+            if before[n] == 1 {
+                assert_eq!(*v, 1, "{n} rewritten while its block did not change");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn recording_blocks_never_delays_the_nodes_that_act() {
+        // No time at all to record blocks: the budget's nodes still act in the first pass,
+        // and no blocked node is written (they are recorded by later passes, not lost).
+        let exec = executor(Duration::ZERO);
+        let (store, config) = storm(&exec, 100);
+        pass(&exec, &store, &config).await;
+        assert_eq!(exec.cluster().unwrap().unschedulable(), 5);
+        assert_eq!(patches(&exec).len(), 5, "only acting nodes written");
+        // With time again, every blocked node gets its record.
+        let exec2 = executor(Duration::from_secs(60));
+        let (store2, config2) = storm(&exec2, 100);
+        pass(&exec2, &store2, &config2).await;
+        assert_eq!(patches(&exec2).len(), 100);
+    }
+}
