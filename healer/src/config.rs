@@ -121,6 +121,17 @@ pub struct KubePolicy {
     pub max_attempts: u32,
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
+    /// Client-side bound on writes to the apiserver (Node patches, evictions, Job creates and
+    /// deletes, Events; every retry counts), a token bucket; 0 = unpaced. The Lease's own
+    /// renewals are never paced.
+    pub max_writes_per_second: f64,
+    /// Writes that may go at once before the rate applies.
+    pub write_burst: u32,
+    /// A pass refuses to act (no write) on a Node view older than this: the time since the
+    /// watch last proved live (an event, a bookmark, a completed list, a watch the server
+    /// answered). The watch is re-established every third of this, so a healthy quiet watch
+    /// stays well below it.
+    pub max_view_age_seconds: u64,
 }
 
 impl Default for Config {
@@ -187,6 +198,9 @@ impl Default for KubePolicy {
             max_attempts: 5,
             backoff_initial_ms: 50,
             backoff_max_ms: 2000,
+            max_writes_per_second: 50.0,
+            write_burst: 50,
+            max_view_age_seconds: 30,
         }
     }
 }
@@ -242,11 +256,21 @@ impl Config {
             || cfg.alert_expiry_seconds == 0
             || cfg.max_concurrent_nodes == 0
             || cfg.kube.max_attempts == 0
+            || cfg.kube.max_view_age_seconds < 3
         {
             return Err(Error::Config {
                 message: "queue_capacity, max_queue_bytes, max_alert_bytes, alert_expiry_seconds, \
-                          max_concurrent_nodes and kube.max_attempts must be > 0"
+                          max_concurrent_nodes and kube.max_attempts must be > 0, \
+                          kube.max_view_age_seconds >= 3"
                     .into(),
+            });
+        }
+        if !(cfg.kube.max_writes_per_second >= 0.0 && cfg.kube.max_writes_per_second.is_finite()) {
+            return Err(Error::Config {
+                message: format!(
+                    "kube.max_writes_per_second must be a finite number >= 0 (0 = unpaced), not {}",
+                    cfg.kube.max_writes_per_second
+                ),
             });
         }
         if cfg.lease.enabled && cfg.lease.margin_seconds >= cfg.lease.duration_seconds {

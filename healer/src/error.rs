@@ -48,6 +48,12 @@ pub enum Error {
     #[error("Kubernetes {op} not sent: this replica does not hold the Lease with margin")]
     NotLeader { op: String },
 
+    #[error("not acting this pass: {message}")]
+    ViewRefused {
+        reason: &'static str,
+        message: String,
+    },
+
     #[error("Alertmanager: {message}")]
     Alertmanager { message: String },
 

@@ -1,8 +1,8 @@
 //! The healer's metrics, in an explicit registry (never the global default).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Counter, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::{Error, Result};
@@ -34,6 +34,25 @@ pub struct Metrics {
     pub paused: IntGauge,
     pub kube_retries: IntCounterVec,
     pub steps_total: IntCounterVec,
+    /// Requests sent to the apiserver by operation (every attempt; watch starts and list pages
+    /// of the Node cache included).
+    pub kube_requests: IntCounterVec,
+    /// Writes that waited for the write pacer, and for how long in all.
+    pub kube_writes_paced: IntCounter,
+    pub kube_write_wait_seconds: Counter,
+    /// Seconds since the Node watch last proved live (set every second and at every pass).
+    pub view_age: Gauge,
+    /// Nodes in the watch-fed view.
+    pub view_nodes: IntGauge,
+    /// Full Node lists of the cache, by reason (`initial`, `expired`: the watch's resourceVersion
+    /// was too old, `error`: the watch kept failing).
+    pub view_relists: IntCounterVec,
+    /// Reconcile passes that did not act, by reason (`not_synced`, `stale_view`,
+    /// `own_writes_unseen`).
+    pub passes_refused: IntCounterVec,
+    /// `plan()` alone, and a whole pass (view, plan, confirmations, execution).
+    pub plan_duration: Histogram,
+    pub pass_duration: Histogram,
 }
 
 impl Metrics {
@@ -231,6 +250,108 @@ impl Metrics {
                         "SOP steps executed, by action and status.",
                     ),
                     &["action", "status"],
+                )
+                .map_err(m)?,
+            )?,
+            kube_requests: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ark_healer_kube_requests_total",
+                        "Requests sent to the Kubernetes API, by operation (every attempt).",
+                    ),
+                    &["op"],
+                )
+                .map_err(m)?,
+            )?,
+            kube_writes_paced: reg(
+                registry,
+                IntCounter::new(
+                    "ark_healer_kube_writes_paced_total",
+                    "Writes that waited for the client-side write pacer (kube.max_writes_per_second).",
+                )
+                .map_err(m)?,
+            )?,
+            kube_write_wait_seconds: reg(
+                registry,
+                Counter::new(
+                    "ark_healer_kube_write_wait_seconds_total",
+                    "Time writes spent waiting for the write pacer.",
+                )
+                .map_err(m)?,
+            )?,
+            view_age: reg(
+                registry,
+                Gauge::new(
+                    "ark_healer_view_age_seconds",
+                    "Seconds since the Node watch last proved live (event, bookmark, list, or a \
+                     watch the server answered); +Inf before the first list.",
+                )
+                .map_err(m)?,
+            )?,
+            view_nodes: reg(
+                registry,
+                IntGauge::new("ark_healer_view_nodes", "Nodes in the watch-fed view.")
+                    .map_err(m)?,
+            )?,
+            view_relists: {
+                let c = reg(
+                    registry,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "ark_healer_view_relists_total",
+                            "Full Node lists of the watch cache, by reason.",
+                        ),
+                        &["reason"],
+                    )
+                    .map_err(m)?,
+                )?;
+                for r in ["initial", "expired", "error"] {
+                    c.with_label_values(&[r]);
+                }
+                c
+            },
+            passes_refused: {
+                let c = reg(
+                    registry,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "ark_healer_passes_refused_total",
+                            "Reconcile passes that did not act because the Node view was not \
+                             synced, too old, or had not yet seen this replica's own writes.",
+                        ),
+                        &["reason"],
+                    )
+                    .map_err(m)?,
+                )?;
+                for r in ["not_synced", "stale_view", "own_writes_unseen"] {
+                    c.with_label_values(&[r]);
+                }
+                c
+            },
+            plan_duration: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "ark_healer_plan_duration_seconds",
+                        "Time of plan() (pure planning over all alerts and nodes) per pass.",
+                    )
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ]),
+                )
+                .map_err(m)?,
+            )?,
+            pass_duration: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "ark_healer_pass_duration_seconds",
+                        "Time of a whole reconcile pass (view, plan, confirmations, execution).",
+                    )
+                    .buckets(vec![
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    ]),
                 )
                 .map_err(m)?,
             )?,

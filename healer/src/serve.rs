@@ -1,7 +1,8 @@
 //! `ark-healer serve`: the webhook, the alert store, the Lease and the reconcile loop.
 //!
 //! Every replica serves and stores what it receives (`/readyz` = can serve); only the Lease
-//! holder acts. One pass: list the Nodes (one consistent view) → [`planner::plan`] (pure) →
+//! holder acts. One pass: a snapshot of the watch-fed Node view ([`NodeCache`]: one consistent
+//! view, no full LIST; refused when stale) → [`planner::plan`] (pure) →
 //! Alertmanager re-confirms the alerts of plans about to disrupt a node for the first time (I4)
 //! → the executor carries the plan out. On SIGTERM the replica stops writing, then releases the
 //! Lease so the standby takes over at once.
@@ -25,7 +26,7 @@ use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::executor::steps::JobTemplates;
 use crate::executor::{Executor, Settings};
-use crate::k8s::{self, Cluster, Fence, Kube, LeaderElector};
+use crate::k8s::{self, Fence, Kube, LeaderElector, NodeCache};
 use crate::metrics::Metrics;
 use crate::planner::{self, BlockReason, ClusterView, Plan, PlanInput};
 use crate::webhook::{self, AppState};
@@ -103,6 +104,8 @@ struct Loop {
     store: Arc<Mutex<AlertStore>>,
     alertmanager: Option<Alertmanager>,
     executor: Executor<Kube>,
+    /// The watch-fed Node view; `None` without a cluster.
+    cache: Option<NodeCache>,
     started: Instant,
 }
 
@@ -112,16 +115,27 @@ impl Loop {
     }
 
     async fn pass(&self, only: Option<&HashSet<String>>) -> crate::Result<Plan> {
-        let (view, listed): (ClusterView, HashMap<String, Node>) = match self.executor.cluster() {
-            Some(k) => {
-                let nodes = Cluster::list_nodes(k).await?;
-                let view = k8s::view_of(&nodes);
-                let listed = nodes
-                    .into_iter()
-                    .map(|n| (n.metadata.name.clone().unwrap_or_default(), n))
-                    .collect();
-                (view, listed)
-            }
+        let started = Instant::now();
+        let metrics = self.executor.metrics();
+        // The watch-fed view (issue 19): one consistent snapshot, never a full Node LIST.
+        let snapshot = match &self.cache {
+            Some(cache) => match cache.snapshot().await {
+                Ok(s) => Some(s),
+                Err(refusal) => {
+                    metrics
+                        .passes_refused
+                        .with_label_values(&[refusal.label()])
+                        .inc();
+                    return Err(crate::Error::ViewRefused {
+                        reason: refusal.label(),
+                        message: refusal.to_string(),
+                    });
+                }
+            },
+            None => None,
+        };
+        let (view, nodes) = match snapshot {
+            Some(s) => (s.view, s.nodes),
             None => (ClusterView::default(), HashMap::new()),
         };
         let now = Timestamp::now();
@@ -131,6 +145,7 @@ impl Loop {
         // I4: a firing alert Alertmanager stopped re-sending is forgotten before planning.
         self.store().expire(now);
         let alerts = self.store().snapshot();
+        let planning = Instant::now();
         let mut plan = planner::plan(&PlanInput {
             alerts: &alerts,
             catalog: &self.catalog,
@@ -139,11 +154,25 @@ impl Loop {
             now,
             silence_means_resolved: self.started.elapsed() >= STARTUP_GRACE,
         });
+        metrics
+            .plan_duration
+            .observe(planning.elapsed().as_secs_f64());
         if let Some(pause) = self.pause_state().await {
             crate::pause::apply(&mut plan, &pause);
         }
         self.confirm(&mut plan, &alerts, only).await;
+        // The Node objects of the nodes about to advance (saves a GET each); a stale one costs
+        // a 409 and a re-read, never a wrong write.
+        let listed: HashMap<String, Node> = plan
+            .nodes
+            .iter()
+            .filter(|p| p.block_reason.is_none())
+            .filter_map(|p| nodes.get(&p.node).map(|n| (p.node.clone(), Node::clone(n))))
+            .collect();
         self.executor.execute(&plan, &view, &listed, only).await;
+        metrics
+            .pass_duration
+            .observe(started.elapsed().as_secs_f64());
         Ok(plan)
     }
 
@@ -331,6 +360,15 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         max_concurrent_nodes: cfg.max_concurrent_nodes,
     };
     let cluster = kube.map(|k| k.with_fence(fence.clone()));
+    // Every replica keeps the view warm (a standby that takes over plans at once); its reads
+    // are not fenced, its writes are none.
+    let (cache, cache_task) = match &cluster {
+        Some(k) => {
+            let (c, t) = NodeCache::start(k.clone());
+            (Some(c), Some(t))
+        }
+        None => (None, None),
+    };
     let executor = Executor::new(
         cluster,
         settings,
@@ -338,7 +376,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         audit,
         metrics.clone(),
         fence.clone(),
-    );
+    )
+    .with_report_time(interval);
     let dry_run = cfg.dry_run;
     let cfg_queue_bytes = cfg.max_queue_bytes;
     let lp = Arc::new(Loop {
@@ -347,6 +386,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         store,
         alertmanager,
         executor,
+        cache,
         started: Instant::now(),
     });
     let reconciler = {
@@ -373,8 +413,16 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 } else {
                     lp.pass(Some(&only)).await
                 };
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "Reconcile pass failed");
+                match result {
+                    Ok(_) => {}
+                    Err(crate::Error::ViewRefused { reason, message }) => {
+                        // Nothing was written; the nodes of this wake-up are looked at by the
+                        // next full pass, soon.
+                        tracing::warn!(reason, "Reconcile pass refused: {message}");
+                        next_full = next_full.min(Instant::now() + Duration::from_millis(500));
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "Reconcile pass failed"),
                 }
             }
         })
@@ -409,6 +457,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     // Stop acting first, then hand the Lease over: the standby leads at its next look.
     fence.revoke();
     reconciler.abort();
+    if let Some(t) = cache_task {
+        t.abort();
+    }
     if let Some((elector, task)) = elector {
         task.abort();
         match elector.release().await {
@@ -436,4 +487,129 @@ async fn shutdown() {
         () = term => {}
     }
     tracing::info!("Shutting down: no more actions; releasing the Lease");
+}
+
+#[cfg(test)]
+mod tests {
+    //! The executor as `serve` wires it (acting nodes first, a bound on the time spent
+    //! recording blocks), against the in-memory cluster: a storm of blocked nodes costs one
+    //! ticket write per node, not one per pass, and never holds up the nodes that act.
+
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::k8s::fake::FakeCluster;
+    use crate::k8s::{Cluster, view_of};
+
+    fn executor(report_time: Duration) -> Executor<FakeCluster> {
+        let fence = Fence::new(Duration::from_millis(100));
+        fence.hold_until(Some(Instant::now() + Duration::from_secs(3600)));
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        Executor::new(
+            Some(FakeCluster::new(fence.clone())),
+            Settings {
+                jobs_namespace: "ark-system".into(),
+                max_concurrent_nodes: 16,
+            },
+            JobTemplates::embedded(),
+            Audit::open(None).unwrap(),
+            metrics,
+            fence,
+        )
+        .with_report_time(report_time)
+    }
+
+    async fn pass(exec: &Executor<FakeCluster>, store: &AlertStore, config: &Config) {
+        let c = exec.cluster().unwrap();
+        let nodes = Cluster::list_nodes(c).await.unwrap();
+        let view = view_of(&nodes);
+        let listed: HashMap<String, Node> = nodes
+            .into_iter()
+            .map(|n| (n.metadata.name.clone().unwrap_or_default(), n))
+            .collect();
+        let alerts = store.snapshot();
+        let p = planner::plan(&PlanInput {
+            alerts: &alerts,
+            catalog: &Catalog::embedded().unwrap(),
+            config,
+            view: &view,
+            now: Timestamp::now(),
+            silence_means_resolved: true,
+        });
+        exec.execute(&p, &view, &listed, None).await;
+    }
+
+    fn storm(exec: &Executor<FakeCluster>, nodes: usize) -> (AlertStore, Config) {
+        let mut config = Config::default();
+        config.budget.max_unschedulable = 5;
+        config.budget.max_unschedulable_percent = 0.0;
+        let mut store = AlertStore::new(StoreLimits::from(&config));
+        for i in 0..nodes {
+            let n = format!("n{i:03}");
+            exec.cluster().unwrap().add_node(&n, false);
+            store.apply(
+                crate::testkit::alert_with(&n, "GpuHung", AlertStatus::Firing),
+                Timestamp::now(),
+            );
+        }
+        (store, config)
+    }
+
+    fn patches(exec: &Executor<FakeCluster>) -> HashMap<String, usize> {
+        let mut by_node = HashMap::new();
+        for (op, what, _) in &exec.cluster().unwrap().lock().writes {
+            if op == "patch" {
+                *by_node.entry(what.clone()).or_insert(0) += 1;
+            }
+        }
+        by_node
+    }
+
+    #[tokio::test]
+    async fn a_storm_of_blocked_nodes_is_written_once_per_node_not_once_per_pass() {
+        let exec = executor(Duration::from_secs(60));
+        let (store, config) = storm(&exec, 200);
+        for _ in 0..20 {
+            pass(&exec, &store, &config).await;
+        }
+        let c = exec.cluster().unwrap();
+        assert_eq!(c.unschedulable(), 5);
+        let by_node = patches(&exec);
+        let acting: Vec<&String> = by_node.keys().filter(|n| by_node[*n] > 1).collect();
+        assert_eq!(
+            acting.len(),
+            5,
+            "only the acting nodes are written more than once"
+        );
+        let blocked_once = by_node.values().filter(|v| **v == 1).count();
+        assert_eq!(blocked_once, 195, "{by_node:?}");
+        // And 20 more passes write nothing new for the blocked nodes.
+        let before = patches(&exec);
+        for _ in 0..20 {
+            pass(&exec, &store, &config).await;
+        }
+        let after = patches(&exec);
+        for (n, v) in &after {
+            if before[n] == 1 {
+                assert_eq!(*v, 1, "{n} rewritten while its block did not change");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn recording_blocks_never_delays_the_nodes_that_act() {
+        // No time at all to record blocks: the budget's nodes still act in the first pass,
+        // and no blocked node is written (they are recorded by later passes, not lost).
+        let exec = executor(Duration::ZERO);
+        let (store, config) = storm(&exec, 100);
+        pass(&exec, &store, &config).await;
+        assert_eq!(exec.cluster().unwrap().unschedulable(), 5);
+        assert_eq!(patches(&exec).len(), 5, "only acting nodes written");
+        // With time again, every blocked node gets its record.
+        let exec2 = executor(Duration::from_secs(60));
+        let (store2, config2) = storm(&exec2, 100);
+        pass(&exec2, &store2, &config2).await;
+        assert_eq!(patches(&exec2).len(), 100);
+    }
 }

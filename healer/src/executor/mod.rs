@@ -54,6 +54,10 @@ pub struct Executor<C> {
     /// Last block reported per node: a block is counted once per node and reason, not once per
     /// pass; the ticket is rewritten only when the message or the plan's job relations change.
     reported: Mutex<HashMap<String, Reported>>,
+    /// How long one pass may spend recording blocks (their ticket writes are paced): the rest
+    /// are recorded by the next passes, so a storm of blocked nodes never holds up the nodes
+    /// that act. `None`: no bound (unit tests).
+    report_time: Option<std::time::Duration>,
 }
 
 impl<C: Cluster> Executor<C> {
@@ -73,7 +77,14 @@ impl<C: Cluster> Executor<C> {
             metrics,
             fence,
             reported: Mutex::new(HashMap::new()),
+            report_time: None,
         }
+    }
+
+    /// Bounds the time one pass spends recording blocks (see `report_time`).
+    pub fn with_report_time(mut self, t: std::time::Duration) -> Self {
+        self.report_time = Some(t);
+        self
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -134,28 +145,36 @@ impl<C: Cluster> Executor<C> {
             }
         }
         let limit = self.settings.max_concurrent_nodes.max(1);
+        // The nodes that act go first: recording 10,000 blocks (paced writes) must not delay
+        // the budget's worth of remediations (issue 19).
+        if let Some(cluster) = &self.cluster {
+            futures::StreamExt::for_each_concurrent(
+                futures::stream::iter(runnable),
+                limit,
+                |p| async move {
+                    match self.advance(cluster, p, listed.get(&p.node).cloned()).await {
+                        Ok(()) => {}
+                        Err(Error::NotLeader { .. }) => {
+                            tracing::info!(node = %p.node, "Lease may have lapsed: stopped before the next write");
+                        }
+                        Err(e) => {
+                            tracing::warn!(node = %p.node, condition = %p.condition, error = %e, "SOP step failed; retried next pass");
+                        }
+                    }
+                },
+            )
+            .await;
+        }
+        let until = self.report_time.map(|t| std::time::Instant::now() + t);
         futures::StreamExt::for_each_concurrent(
             futures::stream::iter(blocked),
             limit,
             |(p, reason, msg, dry)| async move {
-                self.report_block(p, reason, &msg, dry).await;
-            },
-        )
-        .await;
-        let Some(cluster) = &self.cluster else { return };
-        futures::StreamExt::for_each_concurrent(
-            futures::stream::iter(runnable),
-            limit,
-            |p| async move {
-                match self.advance(cluster, p, listed.get(&p.node).cloned()).await {
-                    Ok(()) => {}
-                    Err(Error::NotLeader { .. }) => {
-                        tracing::info!(node = %p.node, "Lease may have lapsed: stopped before the next write");
-                    }
-                    Err(e) => {
-                        tracing::warn!(node = %p.node, condition = %p.condition, error = %e, "SOP step failed; retried next pass");
-                    }
+                // Not reached this pass: not marked reported, so the next pass records it.
+                if until.is_some_and(|u| std::time::Instant::now() >= u) {
+                    return;
                 }
+                self.report_block(p, reason, &msg, dry).await;
             },
         )
         .await;

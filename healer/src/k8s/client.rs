@@ -6,7 +6,9 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use k8s_openapi::api::batch::v1::Job;
@@ -18,6 +20,7 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 
 use super::leader::Fence;
+use super::pacing::Bucket;
 use super::view::view_of;
 use super::{Cluster, Eviction};
 use crate::config::KubePolicy;
@@ -59,6 +62,11 @@ pub struct Kube {
     /// Namespace of Node Events; `default` (the only one for which `involvedObject.namespace`
     /// may stay empty, which is what `kubectl describe node` looks for).
     pub events_namespace: String,
+    /// The write pacer shared by every clone (`[kube] max_writes_per_second`).
+    pacer: Arc<Mutex<Bucket>>,
+    /// The highest resourceVersion of a Node this replica wrote: a pass plans only on a view
+    /// that has seen it (read-your-writes for the disruption budget, I1).
+    written_rv: Arc<AtomicU64>,
 }
 
 /// Should this error be retried, and under which metric label?
@@ -74,12 +82,56 @@ fn retry_cause(e: &kube::Error) -> Option<&'static str> {
 
 impl Kube {
     pub fn new(client: Client, policy: KubePolicy, metrics: Metrics) -> Self {
+        let pacer = Bucket::new(
+            policy.max_writes_per_second,
+            policy.write_burst,
+            Instant::now(),
+        );
         Kube {
             client,
             policy,
             metrics,
             fence: Fence::unfenced(),
             events_namespace: "default".into(),
+            pacer: Arc::new(Mutex::new(pacer)),
+            written_rv: Arc::default(),
+        }
+    }
+
+    /// Waits for the write pacer's go (every write attempt takes one token).
+    async fn pace(&self) {
+        let wait = self
+            .pacer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reserve(Instant::now());
+        if !wait.is_zero() {
+            self.metrics.kube_writes_paced.inc();
+            self.metrics
+                .kube_write_wait_seconds
+                .inc_by(wait.as_secs_f64());
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Counts one request to the apiserver.
+    pub fn count(&self, op: &str) {
+        self.metrics.kube_requests.with_label_values(&[op]).inc();
+    }
+
+    /// The highest Node resourceVersion this replica wrote (0: none, or not numeric).
+    pub fn written_rv(&self) -> u64 {
+        self.written_rv.load(Ordering::SeqCst)
+    }
+
+    fn wrote(&self, node: &Node) {
+        if let Some(rv) = node
+            .metadata
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            self.written_rv.fetch_max(rv, Ordering::SeqCst);
         }
     }
 
@@ -121,6 +173,11 @@ impl Kube {
         let max = Duration::from_millis(self.policy.backoff_max_ms);
         let mut last = String::new();
         for attempt in 1..=self.policy.max_attempts {
+            if fenced {
+                // Before the fence is looked at: the window is judged after the wait.
+                self.pace().await;
+            }
+            self.count(op);
             let timeout = if fenced {
                 match self.fence.write_window() {
                     Some(left) => limit.min(left),
@@ -208,7 +265,10 @@ impl Cluster for Kube {
         let pp = PatchParams::default();
         let pa = Patch::Merge(&patch);
         match self.write("patch node", || api.patch(name, &pp, &pa)).await {
-            Ok(n) => Ok(Some(n)),
+            Ok(n) => {
+                self.wrote(&n);
+                Ok(Some(n))
+            }
             Err(e) if e.api_status() == Some(409) => {
                 self.metrics
                     .kube_retries
@@ -233,6 +293,8 @@ impl Cluster for Kube {
         let pp = PostParams::default();
         // One attempt: a refusal or an error is looked at again next pass, within the Drain's
         // deadline; a retry loop here would only hold the pass up.
+        self.pace().await;
+        self.count("evict pod");
         let Some(left) = self.fence.write_window() else {
             return Err(self.fenced("evict pod"));
         };

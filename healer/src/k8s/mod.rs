@@ -4,10 +4,12 @@
 //! property tests of the executor. [`view`] turns Node objects into the planner's view and
 //! [`leader`] runs the Lease election and owns the write fence.
 
+pub mod cache;
 pub mod client;
 #[cfg(test)]
 pub mod fake;
 pub mod leader;
+pub mod pacing;
 pub mod view;
 
 use std::future::Future;
@@ -18,6 +20,7 @@ use serde_json::Value;
 
 use crate::Result;
 
+pub use cache::{NodeCache, Refusal, Snapshot};
 pub use client::{Kube, client};
 pub use leader::{Fence, LeaderElector};
 pub use view::{node_ticket, node_view, view_of};
