@@ -86,7 +86,8 @@ fn main() -> anyhow::Result<()> {
         for a in alerts.iter().cloned() {
             store.apply(a, now);
         }
-        let snapshot = store.snapshot();
+        // What a pass plans over (serve.rs): the store's alerts shared, not copied.
+        let snapshot = store.shared();
         let tp = Instant::now();
         let p = plan(&PlanInput {
             alerts: &snapshot,

@@ -144,7 +144,9 @@ impl Loop {
         }
         // I4: a firing alert Alertmanager stopped re-sending is forgotten before planning.
         self.store().expire(now);
-        let alerts = self.store().snapshot();
+        // Shared, not copied: the store's alerts are the pass's (issue 19: a copy per pass held
+        // 100,000 alerts twice).
+        let alerts = self.store().shared();
         let planning = Instant::now();
         let mut plan = planner::plan(&PlanInput {
             alerts: &alerts,
@@ -222,7 +224,12 @@ impl Loop {
     /// I4: before a plan disrupts a node for the first time, Alertmanager must list the alert as
     /// active. Not listed: the alert is marked resolved here (it was a replica's stale memory)
     /// and the plan blocked; Alertmanager not answering: blocked, asked again next pass.
-    async fn confirm(&self, plan: &mut Plan, alerts: &[Alert], only: Option<&HashSet<String>>) {
+    async fn confirm(
+        &self,
+        plan: &mut Plan,
+        alerts: &[Arc<Alert>],
+        only: Option<&HashSet<String>>,
+    ) {
         let Some(am) = &self.alertmanager else { return };
         for p in plan.nodes.iter_mut().filter(|p| p.needs_confirmation) {
             if only.is_some_and(|o| !o.contains(&p.node)) {
@@ -237,7 +244,7 @@ impl Loop {
                         .iter()
                         .filter(|a| p.fingerprints.contains(&a.fingerprint))
                     {
-                        let mut resolved = a.clone();
+                        let mut resolved = Alert::clone(a);
                         resolved.status = AlertStatus::Resolved;
                         store.apply(resolved, now);
                     }

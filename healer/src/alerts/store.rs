@@ -14,6 +14,7 @@
 //!   Alertmanager re-sends every firing alert on `repeat_interval`, so silence means it stopped.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use jiff::{SignedDuration, Timestamp};
 
@@ -81,7 +82,9 @@ type Age = (Timestamp, u64);
 
 #[derive(Debug)]
 struct Entry {
-    alert: Alert,
+    /// Shared with the planner's snapshot of a pass ([`AlertStore::shared`]): a pass over
+    /// 100,000 alerts copies pointers, not the alerts.
+    alert: Arc<Alert>,
     /// `alert.bytes()`, kept so that removal subtracts exactly what insertion added.
     bytes: usize,
     age: Age,
@@ -147,8 +150,9 @@ impl AlertStore {
                 return Applied::Rejected;
             };
             // It fitted before it was removed, so with the same size it fits again.
-            alert.labels = known.alert.labels;
-            alert.annotations = known.alert.annotations;
+            let known_alert = Arc::unwrap_or_clone(known.alert);
+            alert.labels = known_alert.labels;
+            alert.annotations = known_alert.annotations;
             bytes = alert.bytes();
             debug_assert_eq!(bytes, known.bytes);
         }
@@ -234,6 +238,7 @@ impl AlertStore {
             self.resolved_bytes += bytes;
         }
         let fp = alert.fingerprint.clone();
+        let alert = Arc::new(alert);
         self.entries.insert(fp, Entry { alert, bytes, age });
     }
 
@@ -267,13 +272,13 @@ impl AlertStore {
     }
 
     pub fn get(&self, fingerprint: &str) -> Option<&Alert> {
-        self.entries.get(fingerprint).map(|e| &e.alert)
+        self.entries.get(fingerprint).map(|e| &*e.alert)
     }
 
     pub fn firing(&self) -> impl Iterator<Item = &Alert> {
         self.entries
             .values()
-            .map(|e| &e.alert)
+            .map(|e| &*e.alert)
             .filter(|a| a.status == AlertStatus::Firing)
     }
 
@@ -291,7 +296,7 @@ impl AlertStore {
         is_condition: impl Fn(&Alert) -> bool,
     ) -> ConditionState {
         let mut state = ConditionState::Unknown;
-        for a in self.entries.values().map(|e| &e.alert) {
+        for a in self.entries.values().map(|e| &*e.alert) {
             if a.node() == Some(node) && is_condition(a) {
                 match a.status {
                     AlertStatus::Firing => return ConditionState::Firing,
@@ -315,8 +320,21 @@ impl AlertStore {
         self.bytes
     }
 
+    /// A copy of every stored alert (tests, tools).
     pub fn snapshot(&self) -> Vec<Alert> {
-        self.entries.values().map(|e| e.alert.clone()).collect()
+        self.entries
+            .values()
+            .map(|e| Alert::clone(&e.alert))
+            .collect()
+    }
+
+    /// Every stored alert, shared: what a reconcile pass plans over. Costs a pointer per alert,
+    /// so a pass never holds a second copy of the store.
+    pub fn shared(&self) -> Vec<Arc<Alert>> {
+        self.entries
+            .values()
+            .map(|e| Arc::clone(&e.alert))
+            .collect()
     }
 }
 
