@@ -34,6 +34,10 @@ struct Reported {
     reason: BlockReason,
     message: String,
     jobs: Vec<JobRelation>,
+    /// The ticket holds this block (or needs no write). False after a failed write (an API
+    /// error, the fence lapsing, conflicts): the next pass writes it again, without counting or
+    /// auditing the block a second time.
+    written: bool,
 }
 
 /// How the executor runs (from the configuration).

@@ -102,6 +102,13 @@ impl<C: Cluster> Executor<C> {
 
     /// Counts a block once per (node, reason), records it in the audit log and, where the node
     /// may be written, in its ticket.
+    /// Whether the ticket holds the node's last reported block (see `Reported::written`).
+    fn mark_written(&self, node: &str, written: bool) {
+        if let Some(r) = self.reported_map().get_mut(node) {
+            r.written = written;
+        }
+    }
+
     pub(super) async fn report_block(
         &self,
         p: &NodePlan,
@@ -119,14 +126,24 @@ impl<C: Cluster> Executor<C> {
                     reason,
                     message: message.to_owned(),
                     jobs: p.jobs.clone(),
+                    written: false,
                 },
             );
             match prev {
-                // Unchanged: nothing to count, log or write.
-                Some(r) if r.reason == reason && r.message == message && r.jobs == p.jobs => {
+                // Unchanged and recorded: nothing to count, log or write.
+                Some(r)
+                    if r.reason == reason
+                        && r.message == message
+                        && r.jobs == p.jobs
+                        && r.written =>
+                {
+                    if let Some(e) = rep.get_mut(&p.node) {
+                        e.written = true;
+                    }
                     return;
                 }
-                // Only the job relations changed: the ticket records them, the block is old news.
+                // Only the job relations changed, or the last write failed: the ticket is
+                // (re)written, the block is old news.
                 Some(r) if r.reason == reason && r.message == message => (false, true),
                 Some(r) => (r.reason != reason, false),
                 None => (true, false),
@@ -152,7 +169,10 @@ impl<C: Cluster> Executor<C> {
                 dry_run: dry,
             });
         }
-        let Some(c) = &self.cluster else { return };
+        let Some(c) = &self.cluster else {
+            self.mark_written(&p.node, true);
+            return;
+        };
         // A ticket a human broke is never rewritten, but it is announced where people look: one
         // Warning Event per distinct problem (this point is reached once per reason/message).
         if reason == BlockReason::InvalidTicket
@@ -173,9 +193,11 @@ impl<C: Cluster> Executor<C> {
             BlockReason::DisruptionBudget | BlockReason::Cooldown | BlockReason::RepeatOffender
         );
         if dry || !writable {
+            self.mark_written(&p.node, true);
             return;
         }
         let now = Timestamp::now();
+        // Ok(None): nothing to write (node gone, a ticket a human broke, already recorded).
         let res = async {
             for _ in 0..3 {
                 let Some(n) = c.get_node(&p.node).await? else {
@@ -197,9 +219,14 @@ impl<C: Cluster> Executor<C> {
                     return Ok(Some((n, t.status)));
                 }
             }
-            Ok::<_, crate::Error>(None)
+            Err(crate::Error::KubeRetriesExhausted {
+                op: format!("block record on {}", p.node),
+                attempts: 3,
+                last: "409 Conflict: the ticket kept changing".into(),
+            })
         }
         .await;
+        self.mark_written(&p.node, res.is_ok());
         match res {
             Ok(Some((node, TicketStatus::Escalated))) if reason == BlockReason::RepeatOffender => {
                 c.event(&node, true, "Escalated", message);

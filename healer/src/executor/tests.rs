@@ -832,3 +832,36 @@ async fn a_blocked_node_records_its_jobs_once() {
     assert_eq!(t.jobs.len(), 2);
     assert_eq!(w.cluster().unschedulable(), 1, "the budget held");
 }
+
+/// A block record whose ticket write fails (an API error; the same path as the fence lapsing or
+/// three conflicts) is written by a later pass, not forgotten until the block message changes;
+/// the block is still counted once.
+#[tokio::test]
+async fn a_failed_block_record_is_written_by_the_next_pass() {
+    let mut w = world(Catalog::embedded().unwrap(), 1);
+    w.cluster().add_node("n0", true); // a manual cordon takes the whole budget
+    w.cluster().add_node("n1", false);
+    w.store.apply(
+        alert("n1", "GpuHung", AlertStatus::Firing),
+        Timestamp::now(),
+    );
+    w.cluster().lock().failing.insert("patch".into());
+    let p = w.pass().await;
+    assert_eq!(p.nodes[0].block_reason, Some(BlockReason::DisruptionBudget));
+    assert!(w.ticket("n1").is_none(), "the write failed");
+    w.cluster().lock().failing.remove("patch");
+    w.pass().await;
+    let t = w.ticket("n1").expect("recorded by the next pass");
+    assert!(t.blocked.is_some(), "{t:?}");
+    let patches = w.patches("n1");
+    w.pass().await;
+    assert_eq!(w.patches("n1"), patches, "then never rewritten");
+    let blocked = w
+        .exec
+        .metrics()
+        .actions_blocked
+        .with_label_values(&["disruption_budget"])
+        .get();
+    assert_eq!(blocked, 1, "counted once");
+    assert_eq!(w.cluster().unschedulable(), 1, "the budget held");
+}
