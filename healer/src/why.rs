@@ -25,7 +25,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::k8s::Kube;
-use crate::ticket::{TICKET_ANNOTATION, Ticket};
+use crate::ticket::Ticket;
 use crate::{Error, Result};
 
 /// Schema id of the JSON output.
@@ -248,7 +248,8 @@ pub fn printable(s: &str, max: usize) -> String {
         .map(|c| if c.is_control() { '?' } else { c })
         .collect();
     if out.len() > max {
-        crate::ticket::clip_to(&mut out, max);
+        // The ellipsis is 3 bytes and counts against `max`.
+        crate::ticket::clip_to(&mut out, max.saturating_sub('…'.len_utf8()));
         out.push('…');
     }
     out
@@ -338,14 +339,7 @@ impl Prometheus {
             .await
             .map_err(send_err)?;
         let status = resp.status();
-        if let Some(len) = resp.content_length()
-            && len > self.max_bytes as u64
-        {
-            return Err(self.err(format!(
-                "answer to `{q}` is {len} bytes, over the {}-byte limit",
-                self.max_bytes
-            )));
-        }
+        // Read in chunks and stop at the bound, whatever Content-Length announces.
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(send_err)? {
             if body.len() + chunk.len() > self.max_bytes {
@@ -882,11 +876,11 @@ fn push_unique(v: &mut Vec<String>, s: &str) {
 }
 
 /// Pure: the view of one Node's ticket annotation (`None` when the node has none).
-pub fn ticket_view(node: &str, annotation: Option<&str>) -> TicketView {
-    let Some(text) = annotation else {
+pub fn ticket_view(ticket: Option<crate::Result<Ticket>>) -> TicketView {
+    let Some(ticket) = ticket else {
         return TicketView::None;
     };
-    let t = match Ticket::from_annotation(node, text) {
+    let t = match ticket {
         Ok(t) => t,
         Err(e) => {
             return TicketView::Invalid {
@@ -929,14 +923,7 @@ pub async fn tickets(why: &mut Why, kube: &Kube) {
     for c in &mut why.culprits {
         if !seen.contains_key(&c.node) {
             let view = match kube.get_node(&c.node).await {
-                Ok(Some(n)) => ticket_view(
-                    &c.node,
-                    n.metadata
-                        .annotations
-                        .as_ref()
-                        .and_then(|a| a.get(TICKET_ANNOTATION))
-                        .map(String::as_str),
-                ),
+                Ok(Some(n)) => ticket_view(crate::k8s::view::node_ticket(&n)),
                 Ok(None) => TicketView::NodeNotFound,
                 Err(e) => TicketView::Unavailable {
                     error: e.to_string(),
@@ -1511,6 +1498,14 @@ mod tests {
         let s = parse_query_response(body.as_bytes()).unwrap();
         assert_eq!(s[0].label("pod").len(), LABEL_MAX);
         assert_eq!(printable(s[0].label("node"), 50), "?[31mred");
+        for max in [3, 4, 96, 200] {
+            let p = printable(&"é\u{1b}x".repeat(500), max);
+            assert!(
+                p.len() <= max && p.ends_with('…'),
+                "{max}: {} bytes",
+                p.len()
+            );
+        }
     }
 
     #[test]
@@ -1546,7 +1541,7 @@ mod tests {
                     - {action: Cordon, status: Succeeded, at: 2026-12-04T02:00:01Z, step: 0}\n\
                     - {action: Drain, status: Running, at: 2026-12-04T02:00:02Z, step: 2}\n\
                     - {action: Taint, status: Succeeded, at: 2026-12-04T02:00:01Z, step: 1}\n";
-        let TicketView::Ticket(t) = ticket_view("n", Some(text)) else {
+        let TicketView::Ticket(t) = ticket_view(Some(Ticket::from_annotation("n", text))) else {
             panic!("not a ticket view");
         };
         let TicketSummary {
@@ -1566,14 +1561,14 @@ mod tests {
             (Some(2), "Drain", "Running")
         );
         assert_eq!(jobs.unwrap(), ["train", "other"]);
-        assert_eq!(ticket_view("n", None), TicketView::None);
+        assert_eq!(ticket_view(None), TicketView::None);
         assert!(matches!(
-            ticket_view("n", Some("status: [")),
+            ticket_view(Some(Ticket::from_annotation("n", "status: ["))),
             TicketView::Invalid { .. }
         ));
         let no_jobs = "condition: GpuHung\nstatus: created\ncreatedAt: 2026-12-04T02:00:00Z\n";
         assert!(matches!(
-            ticket_view("n", Some(no_jobs)),
+            ticket_view(Some(Ticket::from_annotation("n", no_jobs))),
             TicketView::Ticket(t) if t.jobs.is_none() && t.step.is_none()
         ));
     }
