@@ -27,7 +27,7 @@ use std::path::PathBuf;
 
 pub use kubernetes::{FakeKubelet, KubeCluster, kube_bin_dir};
 pub use prometheus::{
-    Alertmanager, AmConfig, PromConfig, Prometheus, Target, shipped_inhibit_rules,
+    Alertmanager, AmConfig, PromConfig, Prometheus, Target, is_inhibited, shipped_inhibit_rules,
 };
 pub use proxy::{DelayProxy, ProxyRecord};
 pub use rules::scaled_alert_rules;

@@ -376,11 +376,6 @@ pub struct Alertmanager {
 
 impl Alertmanager {
     pub async fn start(cfg: AmConfig) -> Result<Self> {
-        let bin = binary("ARK_ALERTMANAGER_BIN", "/usr/bin/prometheus-alertmanager")?;
-        let dir = tempfile::Builder::new()
-            .prefix("ark-alertmanager-")
-            .tempdir()?;
-        let port = pick_port(cfg.port)?;
         let auth = match &cfg.bearer_token {
             Some(t) => format!(
                 "        http_config:\n          authorization:\n            type: Bearer\n            credentials: {t:?}\n"
@@ -404,6 +399,17 @@ impl Alertmanager {
             }
             None => yaml,
         };
+        Self::start_config(&yaml, cfg.port).await
+    }
+
+    /// Starts Alertmanager on a whole configuration file's text (e.g. the shipped
+    /// `deploy/alertmanager/alertmanager.yml` with its receiver pointed at a test sink).
+    pub async fn start_config(yaml: &str, port: Option<u16>) -> Result<Self> {
+        let bin = binary("ARK_ALERTMANAGER_BIN", "/usr/bin/prometheus-alertmanager")?;
+        let dir = tempfile::Builder::new()
+            .prefix("ark-alertmanager-")
+            .tempdir()?;
+        let port = pick_port(port)?;
         let config = dir.path().join("alertmanager.yml");
         std::fs::write(&config, yaml)?;
         let mut cmd = Command::new(bin);
@@ -488,7 +494,7 @@ impl Alertmanager {
 
     /// `GET /api/v2/alerts`: every alert Alertmanager holds, inhibited and silenced included
     /// (`status.state` is `active`, `suppressed` or `unprocessed`; `status.inhibitedBy` lists
-    /// the fingerprints of the alerts that inhibit it).
+    /// the fingerprints of the alerts that inhibit it: [`is_inhibited`]).
     pub async fn alerts(&self) -> Result<Vec<Value>> {
         let resp = self
             .http
@@ -497,4 +503,11 @@ impl Alertmanager {
             .await?;
         Ok(resp.error_for_status()?.json().await?)
     }
+}
+
+/// Whether an alert of [`Alertmanager::alerts`] is held back by an inhibit rule.
+pub fn is_inhibited(alert: &Value) -> bool {
+    alert["status"]["inhibitedBy"]
+        .as_array()
+        .is_some_and(|v| !v.is_empty())
 }

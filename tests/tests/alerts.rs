@@ -1542,12 +1542,12 @@ async fn query_panels(
 // ------------------------------------------------------------------------------------------------
 // Alertmanager with the real configuration, delivering to a local webhook
 
-/// Starts the real Alertmanager on `deploy/alertmanager/alertmanager.yml` in `dir`, with only
-/// the healer receiver's URL (to `sink`) and token file path replaced. Returns it and its URL.
+/// Starts the real Alertmanager (the harness's) on `deploy/alertmanager/alertmanager.yml`, with
+/// only the healer receiver's URL (to `sink`) and token file path (in `dir`) replaced.
 async fn shipped_alertmanager(
     sink: &ark_harness::WebhookSink,
     dir: &Path,
-) -> Result<(ark_harness::Service, String)> {
+) -> Result<ark_harness::Alertmanager> {
     std::fs::create_dir_all(dir)?;
     let token_file = dir.join("token");
     std::fs::write(&token_file, "s3cret-token\n")?;
@@ -1562,31 +1562,7 @@ async fn shipped_alertmanager(
     hook["url"] = Yaml::String(sink.url());
     hook["http_config"]["authorization"]["credentials_file"] =
         Yaml::String(token_file.display().to_string());
-    let config_file = dir.join("alertmanager.yml");
-    std::fs::write(&config_file, serde_yaml::to_string(&config)?)?;
-
-    let port = ark_harness::free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let mut cmd = Command::new("/usr/bin/prometheus-alertmanager");
-    cmd.arg(format!("--config.file={}", config_file.display()))
-        .arg(format!("--storage.path={}", dir.join("data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .arg(format!("--web.external-url={url}/"))
-        .arg("--cluster.listen-address=")
-        .arg("--log.level=warn");
-    let am = ark_harness::Service::spawn("alertmanager", &mut cmd, &dir.join("alertmanager.log"))?;
-    let http = reqwest::Client::new();
-    ark_harness::wait_for(
-        "Alertmanager /-/ready",
-        std::time::Duration::from_secs(30),
-        &[&am],
-        || async {
-            let ready = http.get(format!("{url}/-/ready")).send().await?;
-            Ok(ready.status().is_success().then_some(()))
-        },
-    )
-    .await?;
-    Ok((am, url))
+    ark_harness::Alertmanager::start_config(&serde_yaml::to_string(&config)?, None).await
 }
 
 /// Starts the real Alertmanager on `deploy/alertmanager/alertmanager.yml`, with only the webhook
@@ -1601,8 +1577,7 @@ async fn alertmanager_delivers_conditions_per_node_with_the_bearer_token() -> Re
     }
     let sink = ark_harness::WebhookSink::start().await?;
     let dir = scratch("alertmanager");
-    let (am, url) = shipped_alertmanager(&sink, &dir).await?;
-    let http = reqwest::Client::new();
+    let am = shipped_alertmanager(&sink, &dir).await?;
 
     let alert =
         |labels: Json| serde_json::json!({"labels": labels, "annotations": {"summary": "s"}});
@@ -1621,16 +1596,7 @@ async fn alertmanager_delivers_conditions_per_node_with_the_bearer_token() -> Re
         ),
         alert(serde_json::json!({"alertname": "Watchdog", "severity": "none"})),
     ]);
-    let resp = http
-        .post(format!("{url}/api/v2/alerts"))
-        .json(&alerts)
-        .send()
-        .await?;
-    ensure!(
-        resp.status().is_success(),
-        "POST /api/v2/alerts: {}",
-        resp.status()
-    );
+    am.post_alerts(&alerts).await?;
 
     // group_wait (5 s) per node group, then both groups are delivered.
     let by_node =
@@ -1700,8 +1666,7 @@ async fn alertmanager_inhibits_the_stalls_of_a_job_blocked_by_one_node() -> Resu
     }
     let sink = ark_harness::WebhookSink::start().await?;
     let dir = scratch("alertmanager-inhibit");
-    let (am, url) = shipped_alertmanager(&sink, &dir).await?;
-    let http = reqwest::Client::new();
+    let am = shipped_alertmanager(&sink, &dir).await?;
 
     let stall = |node: &str, job_id: Option<&str>, pod: &str| {
         let mut labels = serde_json::json!({"alertname": "WorkloadStalled",
@@ -1715,32 +1680,19 @@ async fn alertmanager_inhibits_the_stalls_of_a_job_blocked_by_one_node() -> Resu
     let culprit = serde_json::json!({"alertname": "JobBlockedByNode",
         "condition": "JobBlockedByNode", "severity": "warning", "node": "n2", "job_id": "train",
         "resource": "gpu-3", "cause": "error.hw"});
-    let post = |labels: Vec<Json>, ends_at: Option<String>| {
-        let http = http.clone();
-        let url = url.clone();
-        async move {
-            let alerts: Vec<Json> = labels
-                .into_iter()
-                .map(|l| {
-                    let mut a = serde_json::json!({"labels": l, "annotations": {"summary": "s"}});
-                    if let Some(e) = &ends_at {
-                        a["endsAt"] = Json::String(e.clone());
-                    }
-                    a
-                })
-                .collect();
-            let resp = http
-                .post(format!("{url}/api/v2/alerts"))
-                .json(&alerts)
-                .send()
-                .await?;
-            ensure!(
-                resp.status().is_success(),
-                "POST /api/v2/alerts: {}",
-                resp.status()
-            );
-            anyhow::Ok(())
-        }
+    let post = |labels: Vec<Json>, ends_at: Option<&str>| {
+        let alerts: Vec<Json> = labels
+            .into_iter()
+            .map(|l| {
+                let mut a = serde_json::json!({"labels": l, "annotations": {"summary": "s"}});
+                if let Some(e) = ends_at {
+                    a["endsAt"] = Json::String(e.into());
+                }
+                a
+            })
+            .collect();
+        let am = &am;
+        async move { am.post_alerts(&Json::Array(alerts)).await }
     };
     let victims = vec![
         stall("n1", Some("train"), "train-0"),
@@ -1754,14 +1706,8 @@ async fn alertmanager_inhibits_the_stalls_of_a_job_blocked_by_one_node() -> Resu
     post(victims.clone(), None).await?;
 
     let state = || async {
-        let list: Vec<Json> = http
-            .get(format!("{url}/api/v2/alerts"))
-            .send()
-            .await?
-            .json()
-            .await?;
         let mut by_key = BTreeMap::new();
-        for a in list {
+        for a in am.alerts().await? {
             let l = &a["labels"];
             let key = format!(
                 "{}/{}/{}",
@@ -1769,10 +1715,7 @@ async fn alertmanager_inhibits_the_stalls_of_a_job_blocked_by_one_node() -> Resu
                 l["node"].as_str().unwrap_or("?"),
                 l["job_id"].as_str().unwrap_or("-")
             );
-            let inhibited = a["status"]["inhibitedBy"]
-                .as_array()
-                .is_some_and(|v| !v.is_empty());
-            by_key.insert(key, inhibited);
+            by_key.insert(key, ark_harness::is_inhibited(&a));
         }
         anyhow::Ok(by_key)
     };
@@ -1791,7 +1734,7 @@ async fn alertmanager_inhibits_the_stalls_of_a_job_blocked_by_one_node() -> Resu
     let got = ark_harness::wait_for(
         "six alerts in Alertmanager",
         std::time::Duration::from_secs(20),
-        &[&am],
+        &[&am.service],
         || async {
             let s = state().await?;
             Ok((s.len() == expected.len()).then_some(s))
@@ -1833,12 +1776,12 @@ async fn alertmanager_inhibits_the_stalls_of_a_job_blocked_by_one_node() -> Resu
 
     // The culprit resolves (repaired): the victims' stalls, still firing, are no longer held.
     // An endsAt in the past is a resolved alert, as Prometheus sends it.
-    post(vec![culprit], Some("2000-01-01T00:00:00Z".into())).await?;
+    post(vec![culprit], Some("2000-01-01T00:00:00Z")).await?;
     post(victims, None).await?;
     ark_harness::wait_for(
         "n1's stall delivered after the culprit resolved",
         std::time::Duration::from_secs(30),
-        &[&am],
+        &[&am.service],
         || async {
             let s = state().await?;
             Ok((s.get("WorkloadStalled/n1/train") == Some(&false)).then_some(()))

@@ -996,12 +996,7 @@ async fn am_alerts(
         .await?
         .into_iter()
         .filter(|a| a["labels"]["alertname"] == alertname && a["labels"]["node"] == node)
-        .map(|a| {
-            let inhibited = a["status"]["inhibitedBy"]
-                .as_array()
-                .is_some_and(|v| !v.is_empty());
-            (inhibited, a)
-        })
+        .map(|a| (ark_harness::is_inhibited(&a), a))
         .collect())
 }
 
