@@ -623,10 +623,34 @@ async fn a_job_alert_alone_runs_cordon_diagnose_and_records_the_job() {
     let t = w.ticket("n1").unwrap();
     assert_eq!(t.status, TicketStatus::Escalated);
     assert_eq!(t.jobs.len(), 1);
-    // Escalated: held for people; the same alert again writes nothing.
+    // Escalated: held for people; the same alert again writes nothing, and neither does a new
+    // job relation (docs/healer.md "Jobs on tickets": a node under such a block is not written).
     let patches = w.patches("n1");
     w.pass().await;
     assert_eq!(w.patches("n1"), patches);
+    w.store.apply(
+        job_alert("n1", "JobBlockedByNode", "train-43", "1"),
+        Timestamp::now(),
+    );
+    w.pass().await;
+    assert_eq!(w.patches("n1"), patches, "a new job on an escalated node");
+    assert_eq!(w.ticket("n1").unwrap().jobs.len(), 1);
+}
+
+/// Dry-run writes nothing, job relations included.
+#[tokio::test]
+async fn a_dry_run_records_no_job_relation() {
+    let mut w = world(Catalog::embedded().unwrap(), 2);
+    w.config.dry_run = true;
+    w.cluster().add_node("n1", false);
+    w.store.apply(
+        job_alert("n1", "JobBlockedByNode", "train-42", "3"),
+        Timestamp::now(),
+    );
+    w.pass().await;
+    w.pass().await;
+    assert_eq!(w.patches("n1"), 0);
+    assert!(w.ticket("n1").is_none());
 }
 
 /// (c) The same alert again and again (Alertmanager re-sends, every pass) is one write.
