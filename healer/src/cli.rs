@@ -17,7 +17,6 @@ use crate::k8s;
 use crate::metrics::Metrics;
 use crate::planner::{self, ClusterView, Plan, PlanInput};
 use crate::serve::{ServeOptions, reachable};
-use crate::ticket::TicketStatus;
 
 pub use crate::serve::TOKEN_ENV;
 
@@ -411,7 +410,7 @@ async fn tickets_cmd(kubeconfig: Option<&Path>, all: bool, output: Output) -> an
     let mut rows = Vec::new();
     for (name, n) in &view.nodes {
         match &n.ticket {
-            Some(Ok(t)) if all || t.status.is_open() || t.status == TicketStatus::Escalated => {
+            Some(Ok(t)) if all || t.status.is_unfinished() => {
                 rows.push(serde_json::json!({
                     "node": name, "condition": t.condition, "status": t.status,
                     "createdAt": t.created_at, "attempts": t.attempts,

@@ -90,18 +90,13 @@ pub fn start(current: Option<Ticket>, p: &NodePlan, now: Timestamp) -> Start {
         }
         // An escalated ticket is superseded only by a more urgent condition (the planner holds
         // the node for humans otherwise).
-        Some(t) if t.status.is_open() || t.status == TicketStatus::Escalated => {
-            Some(Replaced::Superseded {
-                condition: t.condition.clone(),
-            })
-        }
+        Some(t) if t.status.is_unfinished() => Some(Replaced::Superseded {
+            condition: t.condition.clone(),
+        }),
         _ => None,
     };
     let mut t = pinned(p, current.as_ref(), now);
-    if let Some(old) = current
-        .as_ref()
-        .filter(|o| o.status.is_open() || o.status == TicketStatus::Escalated)
-    {
+    if let Some(old) = current.as_ref().filter(|o| o.status.is_unfinished()) {
         // The node stays as the old ticket left it: its cordon is still ours to undo, and it
         // still counts against the budget. From an escalated ticket too: a JobBlockedByNode
         // cordon-diagnose that escalated, then superseded by the culprit's GpuHung, would

@@ -222,7 +222,6 @@ pub fn plan<A: Borrow<Alert>>(input: &PlanInput<'_, A>) -> Plan {
         now,
         silence_means_resolved,
     } = *input;
-    let alerts: Vec<&Alert> = alerts.iter().map(Borrow::borrow).collect();
     let mut out = Plan::default();
     // Keyed by the catalog's own condition names: no allocation per alert. The node order does
     // not matter: the plans are sorted below.
@@ -234,7 +233,7 @@ pub fn plan<A: Borrow<Alert>>(input: &PlanInput<'_, A>) -> Plan {
 
     // Every alert (firing or resolved) by node: the per-node state below looks only at its own.
     let mut by_node: HashMap<&str, Vec<&Alert>> = HashMap::new();
-    for &a in &alerts {
+    for a in alerts.iter().map(Borrow::borrow) {
         match a.node() {
             Some(n) => by_node.entry(n).or_default().push(a),
             None if a.status == AlertStatus::Firing => {

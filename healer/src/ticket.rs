@@ -47,6 +47,12 @@ impl TicketStatus {
     pub fn is_open(self) -> bool {
         matches!(self, TicketStatus::Created | TicketStatus::Resolving)
     }
+
+    /// Open, or escalated to people: the incident is not over (its cordon, budget share and
+    /// job relations still belong to it).
+    pub fn is_unfinished(self) -> bool {
+        self.is_open() || self == TicketStatus::Escalated
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,7 +301,7 @@ impl Ticket {
         // supersedes an unfinished one (open, or escalated to people) keeps them. A finished
         // incident's jobs are not carried into the next one.
         let jobs = previous
-            .filter(|p| p.status.is_open() || p.status == TicketStatus::Escalated)
+            .filter(|p| p.status.is_unfinished())
             .map(|p| p.jobs.clone())
             .unwrap_or_default();
         let attempts = previous
