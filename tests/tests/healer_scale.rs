@@ -492,5 +492,14 @@ async fn healer_scale_storm_over_the_fleet_keeps_the_budget_and_settles() -> Res
     );
     eprint!("{report}");
     std::fs::write("/tmp/ark-healer-scale.txt", &report)?;
+    // No pass lists Nodes: a Node list during the storm (pages of it) only comes with a counted
+    // relist of the view (on a 410 or repeated watch failures), never from planning.
+    let op = |m: &BTreeMap<String, f64>| m.get("op=\"list nodes (view)\"").copied().unwrap_or(0.0);
+    let lists = op(&reqs) - op(&reqs_before);
+    let relisted = relists - metric_sum(&before, "ark_healer_view_relists_total");
+    ensure!(
+        lists == 0.0 || relisted > 0.0,
+        "{lists} Node list requests during the storm without a counted relist"
+    );
     Ok(())
 }
