@@ -493,6 +493,11 @@ async fn why_falls_back_to_raw_series_without_the_job_rules() -> Result<()> {
 /// A "Prometheus" on a free port that answers every connection with `response` (raw bytes,
 /// headers included) or, with `None`, reads the request and never answers.
 fn hostile(response: Option<Vec<u8>>) -> Result<String> {
+    hostile_after(response, Duration::ZERO)
+}
+
+/// [`hostile`], answering each request only after `delay`.
+fn hostile_after(response: Option<Vec<u8>>, delay: Duration) -> Result<String> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let url = format!("http://{}", listener.local_addr()?);
     std::thread::spawn(move || {
@@ -508,6 +513,7 @@ fn hostile(response: Option<Vec<u8>>) -> Result<String> {
                         Ok(n) => req.extend_from_slice(&buf[..n]),
                     }
                 }
+                std::thread::sleep(delay);
                 match response {
                     Some(r) => {
                         let _ = conn.write_all(&r);
@@ -635,5 +641,21 @@ async fn why_reports_a_dead_prometheus_and_hostile_answers_clearly() -> Result<(
     let url = hostile(None)?;
     let err = why_fails(&url, &["--timeout", "1"], Duration::from_secs(5)).await?;
     assert!(err.contains("did not answer within 1 s"), "{err}");
+
+    // Each answer in time (400 ms, under the 1 s timeout) but all of them together not: the
+    // one --timeout bounds the whole gathering, not each request.
+    let url = hostile_after(
+        Some(http(
+            "200 OK",
+            "",
+            br#"{"status":"success","data":{"resultType":"vector","result":[]}}"#,
+        )),
+        Duration::from_millis(400),
+    )?;
+    let err = why_fails(&url, &["--timeout", "1"], Duration::from_secs(4)).await?;
+    assert!(
+        err.contains("did not answer within 1 s (all queries together)"),
+        "{err}"
+    );
     Ok(())
 }
